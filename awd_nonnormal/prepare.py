@@ -1,0 +1,498 @@
+"""Dataset preparation: the Python side of ``getdata.sh``.
+
+``getdata.sh`` fetches the archives (download, cache, or a local mirror) and calls this module for
+everything that reads them: integrity checks of a finished download, extraction of the corpus
+files, the enwik8 split, the MNIST IDX checks, and the completion stamps.
+
+The module only uses the standard library, so that preparation works with any Python 3.8+
+(no torch). ``getdata.sh`` runs it as a script (``python awd_nonnormal/prepare.py ...``), which
+does not import the package ``__init__``; ``python -m awd_nonnormal.prepare ...`` works as well.
+
+Every output is written to ``<name>.part`` in its target folder and renamed into place when
+complete. A folder counts as prepared only when its stamp file (:data:`STAMP`, written last)
+exists, names the same parameters, and every file it lists has the recorded size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+STAMP = ".complete"
+
+# enwik8: the last 2 x 5,000,000 bytes are valid and test (Mahoney's split, as in awd-lstm-lm).
+ENWIK8_TEST_BYTES = 5_000_000
+ENWIK8_MEMBER = "enwik8"
+CHUNK_BYTES = 1 << 20
+
+# MNIST: IDX magic numbers (big-endian int32: 0x0000 0803 = ubyte, 3 dims; 0x0000 0801 = ubyte,
+# 1 dim), image size and the item counts of the real data set.
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+MNIST_ROWS = MNIST_COLS = 28
+MNIST_ITEMS = {"train": 60_000, "t10k": 10_000}
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": ("train", "images"),
+    "train-labels-idx1-ubyte.gz": ("train", "labels"),
+    "t10k-images-idx3-ubyte.gz": ("t10k", "images"),
+    "t10k-labels-idx1-ubyte.gz": ("t10k", "labels"),
+}
+
+
+class PrepareError(Exception):
+    """A problem with an input file; the message says which file and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic outputs and completion stamps
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open ``<path>.part`` for writing; rename it to ``path`` on success, delete it on error.
+
+    Text modes write ASCII with ``\n`` line ends on every platform.
+    """
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if "b" in mode else {"encoding": "ascii", "newline": ""}
+    try:
+        with open(part, mode, **kwargs) as f:
+            yield f
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
+
+
+def write_stamp(folder: Path, files: Sequence[str], params: Optional[Mapping] = None,
+                source: Sequence[str] = ()) -> Path:
+    """Write the completion stamp of ``folder``, listing ``files`` with their sizes. Call last."""
+    folder = Path(folder)
+    record = {
+        "files": {name: (folder / name).stat().st_size for name in files},
+        "params": dict(params or {}),
+        "source": list(source),
+    }
+    stamp = folder / STAMP
+    with atomic_write(stamp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return stamp
+
+
+def clear_stamp(folder: Path) -> None:
+    """Remove the stamp before (re)preparing ``folder``, so a half-done folder is never trusted."""
+    (Path(folder) / STAMP).unlink(missing_ok=True)
+
+
+def is_complete(folder: Path, params: Optional[Mapping] = None) -> bool:
+    """True when ``folder`` has a readable stamp with the same ``params`` and intact files."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / STAMP).read_text(encoding="ascii"))
+        files = record["files"]
+        if record.get("params", {}) != dict(params or {}) or not files:
+            return False
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size
+                   for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Archive integrity (run on a finished download before it is moved into the cache)
+
+
+def verify_archive(path: Path, name: Optional[str] = None) -> None:
+    """Read the whole archive and check its CRCs; ``name`` (default: the file name) picks the kind.
+
+    zip: every member's CRC; .tgz / .tar.gz: the gzip CRC and the tar structure; .gz: the gzip
+    CRC. Raises :class:`PrepareError` on a damaged or truncated file.
+    """
+    path = Path(path)
+    name = name or path.name
+    log.info("checking %s", name)
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise PrepareError(f"{path}: member {bad!r} fails its CRC check")
+        elif name.endswith((".tgz", ".tar.gz")):
+            with tarfile.open(path, "r:gz") as tf:
+                for member in tf:
+                    if member.isfile():
+                        with tf.extractfile(member) as f:
+                            _drain(f)
+        elif name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                _drain(f)
+        else:
+            raise PrepareError(f"{path}: cannot verify {name!r} (not .zip, .tgz or .gz)")
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise PrepareError(f"{path}: damaged or incomplete {name} ({e})") from e
+
+
+def _drain(f: BinaryIO) -> int:
+    n = 0
+    while True:
+        block = f.read(CHUNK_BYTES)
+        if not block:
+            return n
+        n += len(block)
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus extraction (PTB from simple-examples.tgz, WikiText from its zip)
+
+
+def _norm(member: str) -> str:
+    while member.startswith("./"):
+        member = member[2:]
+    return member
+
+
+def extract_members(archive: Path, dest: Path, mapping: Sequence[Tuple[str, str]]) -> List[str]:
+    """Copy archive members to files in ``dest``: ``mapping`` is ``[(member, out_name), ...]``.
+
+    Works on zip and (gzipped) tar archives, matches member names with or without a leading
+    ``./``, writes each output atomically, and then writes the stamp. Returns the output names.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    clear_stamp(dest)
+    wanted = {_norm(m): out for m, out in mapping}
+    found = set()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    out = wanted.get(_norm(info.filename))
+                    if out is not None and not info.is_dir():
+                        log.info("%s: %s -> %s", archive.name, info.filename, dest / out)
+                        with zf.open(info) as src, atomic_write(dest / out) as dst:
+                            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                        found.add(_norm(info.filename))
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                for member in tf:
+                    out = wanted.get(_norm(member.name))
+                    if out is not None and member.isfile():
+                        log.info("%s: %s -> %s", archive.name, member.name, dest / out)
+                        with tf.extractfile(member) as src, atomic_write(dest / out) as dst:
+                            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                        found.add(_norm(member.name))
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise PrepareError(f"{archive}: cannot read archive ({e}); if it is a cached download, "
+                           f"delete it and run again") from e
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise PrepareError(f"{archive}: missing member(s) {', '.join(missing)}")
+    outs = [out for _, out in mapping]
+    write_stamp(dest, outs, source=[archive.name])
+    return outs
+
+
+# --------------------------------------------------------------------------------------------
+# enwik8
+
+
+# Decimal text of every byte value; the newline byte is handled separately (it ends a line).
+_BYTE_TEXT = [str(b) for b in range(256)]
+
+
+def encode_bytes(chunks: Iterable[bytes], out, at_line_start: bool = True) -> bool:
+    """Write byte chunks as decimal tokens: one space between values, byte 10 as a line break.
+
+    Chunk boundaries may fall anywhere (inside a line). Returns whether the output ends at the
+    start of a line, to be passed back in when continuing the same stream.
+    """
+    for chunk in chunks:
+        for i, piece in enumerate(chunk.split(b"\n")):
+            if i:
+                out.write("\n")
+                at_line_start = True
+            if piece:
+                if not at_line_start:
+                    out.write(" ")
+                out.write(" ".join(map(_BYTE_TEXT.__getitem__, piece)))
+                at_line_start = False
+    return at_line_start
+
+
+def decode_text(text: str) -> bytes:
+    """Inverse of :func:`encode_bytes` (used by the tests and handy for checking a split)."""
+    return b"\n".join(bytes(int(t) for t in line.split()) for line in text.split("\n"))
+
+
+def enwik8_splits(total: int, test_bytes: int = ENWIK8_TEST_BYTES) -> Dict[str, Tuple[int, int]]:
+    """Byte ranges ``[start, end)`` of train / valid / test: the last 2 x ``test_bytes`` are
+    valid and test, the rest is train (90M / 5M / 5M for the real file)."""
+    if test_bytes <= 0:
+        raise PrepareError(f"enwik8: test bytes must be positive, got {test_bytes}")
+    if total <= 2 * test_bytes:
+        raise PrepareError(f"enwik8: the file has {total} bytes, it must be longer than "
+                           f"2 x {test_bytes} (valid + test) to leave a training split")
+    return {
+        "train": (0, total - 2 * test_bytes),
+        "valid": (total - 2 * test_bytes, total - test_bytes),
+        "test": (total - test_bytes, total),
+    }
+
+
+@contextlib.contextmanager
+def _open_enwik8(src: Path) -> Iterator[Tuple[BinaryIO, int]]:
+    """The enwik8 byte stream and its length, from ``enwik8.zip`` or from the raw file."""
+    if src.name.endswith(".zip"):
+        with zipfile.ZipFile(src) as zf:
+            try:
+                info = zf.getinfo(ENWIK8_MEMBER)
+            except KeyError:
+                raise PrepareError(f"{src}: no member named {ENWIK8_MEMBER!r}") from None
+            with zf.open(info) as f:
+                yield f, info.file_size
+    else:
+        with open(src, "rb") as f:
+            yield f, os.fstat(f.fileno()).st_size
+
+
+def prepare_enwik8(src: Path, dest: Path, test_bytes: int = ENWIK8_TEST_BYTES,
+                   chunk_bytes: int = CHUNK_BYTES) -> List[str]:
+    """Split enwik8 (``src``: ``enwik8.zip`` or the raw file) into ``dest/{train,valid,test}.txt``.
+
+    Format of awd-lstm-lm's ``prep_enwik8.py``: each byte as its decimal value, separated by
+    spaces, with newline bytes kept as line breaks, so a whitespace tokenizer sees byte values.
+    Streams in ``chunk_bytes`` blocks.
+    """
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    clear_stamp(dest)
+    outs = []
+    try:
+        with _open_enwik8(src) as (stream, total):
+            for split, (start, end) in enwik8_splits(total, test_bytes).items():
+                out = f"{split}.txt"
+                log.info("enwik8: bytes [%d, %d) -> %s", start, end, dest / out)
+                with atomic_write(dest / out, "w") as f:
+                    encode_bytes(_read_exact(stream, end - start, chunk_bytes, src), f)
+                outs.append(out)
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise PrepareError(f"{src}: cannot read ({e}); if it is a cached download, delete it "
+                           f"and run again") from e
+    write_stamp(dest, outs, params={"test_bytes": test_bytes}, source=[src.name])
+    return outs
+
+
+def _read_exact(f: BinaryIO, n: int, chunk_bytes: int, name) -> Iterable[bytes]:
+    while n > 0:
+        block = f.read(min(n, chunk_bytes))
+        if not block:
+            raise PrepareError(f"{name}: ended {n} bytes early")
+        n -= len(block)
+        yield block
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST
+
+
+def read_idx_gz(path: Path) -> Tuple[int, Tuple[int, ...], int]:
+    """Check a gzipped IDX file of unsigned bytes: returns ``(magic, dims, max value)``.
+
+    The magic number must be 2049 (1-d, labels) or 2051 (3-d, images), and the payload must hold
+    exactly ``prod(dims)`` bytes.
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise PrepareError(f"{path}: too short for an IDX header")
+            (magic,) = struct.unpack(">i", head)
+            if magic not in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
+                raise PrepareError(f"{path}: bad IDX magic number {magic} (expected "
+                                   f"{IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for "
+                                   f"labels)")
+            ndim = magic & 0xFF
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise PrepareError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{ndim}i", raw)
+            expected = 1
+            for d in dims:
+                expected *= d
+            size, top = 0, 0
+            while True:
+                block = f.read(CHUNK_BYTES)
+                if not block:
+                    break
+                size += len(block)
+                top = max(top, max(block))
+    except (OSError, EOFError) as e:
+        raise PrepareError(f"{path}: not a valid gzip file ({e})") from e
+    if size != expected:
+        raise PrepareError(f"{path}: header says {dims} = {expected} bytes of data, "
+                           f"found {size}")
+    return magic, dims, top
+
+
+def check_mnist(files: Mapping[str, Path], items: Optional[Mapping[str, int]] = None) -> None:
+    """Check the four MNIST files (keyed by their standard names).
+
+    Images: magic 2051, 28 x 28; labels: magic 2049, values 0..9; images and labels of a split
+    have the same count, and that count equals ``items[split]`` where given (``items`` defaults
+    to the real 60,000 / 10,000; pass ``{}`` to accept any count).
+    """
+    items = MNIST_ITEMS if items is None else items
+    counts: Dict[Tuple[str, str], int] = {}
+    for name, (split, kind) in MNIST_FILES.items():
+        path = Path(files[name])
+        magic, dims, top = read_idx_gz(path)
+        if kind == "images":
+            if magic != IDX_IMAGES_MAGIC or len(dims) != 3:
+                raise PrepareError(f"{path}: expected an image file (magic {IDX_IMAGES_MAGIC}), "
+                                   f"got magic {magic}")
+            if dims[1:] != (MNIST_ROWS, MNIST_COLS):
+                raise PrepareError(f"{path}: images are {dims[1]} x {dims[2]}, expected "
+                                   f"{MNIST_ROWS} x {MNIST_COLS}")
+        else:
+            if magic != IDX_LABELS_MAGIC:
+                raise PrepareError(f"{path}: expected a label file (magic {IDX_LABELS_MAGIC}), "
+                                   f"got magic {magic}")
+            if top > 9:
+                raise PrepareError(f"{path}: label {top} out of range 0..9")
+        counts[split, kind] = dims[0]
+        want = items.get(split)
+        if want is not None and dims[0] != want:
+            raise PrepareError(f"{path}: {dims[0]} items, expected {want}")
+    for split in MNIST_ITEMS:
+        if counts[split, "images"] != counts[split, "labels"]:
+            raise PrepareError(f"mnist {split}: {counts[split, 'images']} images but "
+                               f"{counts[split, 'labels']} labels")
+
+
+def prepare_mnist(sources: Sequence[Path], dest: Path,
+                  items: Optional[Mapping[str, int]] = None) -> List[str]:
+    """Check the four ``.gz`` IDX files (``sources``, by their standard names) and copy them,
+    still gzipped, into ``dest``; see :func:`check_mnist` for ``items``."""
+    dest = Path(dest)
+    by_name = {Path(p).name: Path(p) for p in sources}
+    missing = sorted(set(MNIST_FILES) - set(by_name))
+    unknown = sorted(set(by_name) - set(MNIST_FILES))
+    if missing or unknown:
+        raise PrepareError(f"mnist: need exactly {', '.join(MNIST_FILES)}; "
+                           f"missing {missing}, unexpected {unknown}")
+    dest.mkdir(parents=True, exist_ok=True)
+    clear_stamp(dest)
+    log.info("mnist: checking IDX headers and sizes")
+    check_mnist(by_name, items)
+    for name in MNIST_FILES:
+        src = by_name[name]
+        if src.resolve() != (dest / name).resolve():
+            with open(src, "rb") as fi, atomic_write(dest / name) as fo:
+                shutil.copyfileobj(fi, fo, CHUNK_BYTES)
+    params = {"items": dict(MNIST_ITEMS if items is None else items)}
+    write_stamp(dest, list(MNIST_FILES), params=params, source=list(MNIST_FILES))
+    return list(MNIST_FILES)
+
+
+def parse_items(text: str) -> Dict[str, int]:
+    """``"60000,10000"`` -> ``{"train": 60000, "t10k": 10000}``; ``"any"`` -> ``{}``."""
+    if text.strip().lower() == "any":
+        return {}
+    try:
+        train, test = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST item counts or 'any', got "
+                                         f"{text!r}") from None
+    return {"train": train, "t10k": test}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (called by getdata.sh)
+
+
+def _params_arg(text: str) -> Dict:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--params expects JSON, got {text!r}") from None
+
+
+def _member_arg(text: str) -> Tuple[str, str]:
+    member, sep, out = text.partition("=")
+    if not sep or not member or not out or "/" in out:
+        raise argparse.ArgumentTypeError(f"expected MEMBER=OUTNAME, got {text!r}")
+    return member, out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="exit 0 if FOLDER is completely prepared, 1 if not")
+    c.add_argument("folder", type=Path)
+    c.add_argument("--params", type=_params_arg, default={},
+                   help="JSON object the stamp's parameters must equal")
+
+    v = sub.add_parser("verify", help="check a downloaded archive's integrity")
+    v.add_argument("archive", type=Path)
+    v.add_argument("--name", help="file name that decides the kind (for NAME.part files)")
+
+    x = sub.add_parser("extract", help="extract archive members into a folder")
+    x.add_argument("archive", type=Path)
+    x.add_argument("dest", type=Path)
+    x.add_argument("members", nargs="+", type=_member_arg, metavar="MEMBER=OUTNAME")
+
+    e = sub.add_parser("enwik8", help="split enwik8 into train/valid/test byte-value text")
+    e.add_argument("src", type=Path, help="enwik8.zip or the raw enwik8 file")
+    e.add_argument("dest", type=Path)
+    e.add_argument("--test-bytes", type=int, default=ENWIK8_TEST_BYTES,
+                   help="bytes in each of valid and test, taken from the end (default "
+                        "%(default)s)")
+
+    m = sub.add_parser("mnist", help="check the four MNIST .gz IDX files and copy them")
+    m.add_argument("dest", type=Path)
+    m.add_argument("files", nargs="+", type=Path)
+    m.add_argument("--items", type=parse_items, default=None,
+                   help="expected TRAIN,TEST item counts, or 'any' (default 60000,10000)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="getdata: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "check":
+            return 0 if is_complete(args.folder, args.params) else 1
+        if args.cmd == "verify":
+            verify_archive(args.archive, args.name)
+        elif args.cmd == "extract":
+            extract_members(args.archive, args.dest, args.members)
+        elif args.cmd == "enwik8":
+            prepare_enwik8(args.src, args.dest, args.test_bytes)
+        elif args.cmd == "mnist":
+            prepare_mnist(args.files, args.dest, args.items)
+    except PrepareError as e:
+        log.error("error: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
