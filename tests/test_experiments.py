@@ -1,0 +1,35 @@
+"""The theory experiment commands print their tables and write their figures."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "awd_nonnormal.experiments", *args],
+                          capture_output=True, text=True)
+
+
+def test_memory_command(tmp_path):
+    out = run("memory", "--n", "30", "--k-max", "40", "--seed", "2", "--out", str(tmp_path / "m.png"))
+    assert out.returncode == 0, out.stderr
+    lines = {l.split()[0]: l.split() for l in out.stdout.splitlines() if l.split()}
+    assert float(lines["identity"][2]) == pytest.approx(1.0, abs=1e-3)
+    assert float(lines["orthogonal"][2]) == pytest.approx(1.0, abs=1e-3)
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decoding_command(tmp_path):
+    out = run("decoding", "--n", "20", "--steps", "20", "--trials", "60", "--heldout-trials", "200",
+              "--out", str(tmp_path / "d.png"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("chain") >= 7 and out.stdout.count("orthogonal") >= 7
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_bad_arguments_are_clean_errors(tmp_path):
+    out = run("memory", "--lam", "1.2", "--out", str(tmp_path / "m.png"))
+    assert out.returncode == 2 and "spectral radius" in out.stderr and "Traceback" not in out.stderr
+    out = run("decoding", "--trials", "0")
+    assert out.returncode == 2 and "must be positive" in out.stderr
