@@ -8,7 +8,7 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PREPARE="$SCRIPT_DIR/awd_nonnormal/prepare.py"
-ALL_DATASETS=(penn pennchar enwik8 wikitext-2 wikitext-103 mnist)
+ALL_DATASETS=(penn pennchar enwik8 wikitext-2 wikitext-103 mnist toy)
 
 PTB_URL="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
 ENWIK8_URL="http://mattmahoney.net/dc/enwik8.zip"
@@ -31,6 +31,8 @@ Datasets:
   wikitext-2    WikiText-2 (v1, tokenized)             -> wikitext-2/{train,valid,test}.txt
   wikitext-103  WikiText-103 (v1, tokenized)           -> wikitext-103/{train,valid,test}.txt
   mnist         MNIST IDX files, kept gzipped          -> mnist/*-ubyte.gz
+  toy           a synthetic corpus with a long-range dependency, made locally (no
+                download; for smoke runs)                -> toy/{train,valid,test}.txt
 
 Options:
   --dest DIR        where prepared data goes (default: \$AWD_DATA_DIR, else data/ next to
@@ -270,8 +272,15 @@ get_mnist() {
     prepare mnist "$DEST/mnist" "${sources[@]}" --items "$MNIST_ITEMS"
 }
 
+get_toy() {
+    if done_already toy '{"lines": 4000, "seed": 0}'; then return 0; fi
+    say "toy: generating"
+    prepare toy "$DEST/toy" --lines 4000 --seed 0
+}
+
 for name in "${REQUESTED[@]}"; do
     case "$name" in
+        toy) get_toy ;;
         penn|pennchar) get_ptb "$name" ;;
         wikitext-2|wikitext-103) get_wikitext "$name" ;;
         enwik8) get_enwik8 ;;

@@ -411,6 +411,53 @@ def prepare_mnist(sources: Sequence[Path], dest: Path,
     return list(MNIST_FILES)
 
 
+# --------------------------------------------------------------------------------------------
+# A synthetic corpus made locally, for smoke runs and offline machines
+
+TOY_FILES = ("train.txt", "valid.txt", "test.txt")
+
+
+def toy_lines(n_lines: int, rng: "random.Random", n_topics: int = 20, n_words: int = 200,
+              min_len: int = 10, max_len: int = 40) -> List[str]:
+    """Lines of a toy language with a long-range dependency: a topic word, a run of filler words
+    from a sparse bigram chain (each word has a few likely successors), then ``=`` and the topic
+    word again. Only a model that remembers the line's start can predict its end."""
+    successors = [[rng.randrange(n_words) for _ in range(4)] for _ in range(n_words)]
+    lines = []
+    for _ in range(n_lines):
+        topic = f"t{rng.randrange(n_topics):02d}"
+        word = rng.randrange(n_words)
+        words = [topic]
+        for _ in range(rng.randint(min_len, max_len)):
+            words.append(f"w{word:03d}")
+            word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.randrange(n_words)
+        words += ["=", topic]
+        lines.append(" ".join(words))
+    return lines
+
+
+def prepare_toy(dest: Path, lines: int = 4000, seed: int = 0) -> List[str]:
+    """Write ``train/valid/test.txt`` of :func:`toy_lines` (``lines`` training lines and a tenth of
+    that for valid and test each) into ``dest``; deterministic in ``seed``."""
+    import random
+
+    if lines < 10:
+        raise PrepareError(f"toy: need at least 10 training lines, got {lines}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    clear_stamp(dest)
+    rng = random.Random(seed)
+    all_lines = toy_lines(lines + 2 * (lines // 10), rng)
+    # the bigram chain is drawn once, so every split speaks the same language
+    splits = {"train.txt": all_lines[:lines], "valid.txt": all_lines[lines:lines + lines // 10],
+              "test.txt": all_lines[lines + lines // 10:]}
+    for name, text in splits.items():
+        with atomic_write(dest / name, "w") as f:
+            f.write("\n".join(text) + "\n")
+    write_stamp(dest, list(TOY_FILES), params={"lines": lines, "seed": seed})
+    return list(TOY_FILES)
+
+
 def parse_items(text: str) -> Dict[str, int]:
     """``"60000,10000"`` -> ``{"train": 60000, "t10k": 10000}``; ``"any"`` -> ``{}``."""
     if text.strip().lower() == "any":
@@ -466,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes in each of valid and test, taken from the end (default "
                         "%(default)s)")
 
+    t = sub.add_parser("toy", help="write the synthetic toy corpus (no download)")
+    t.add_argument("dest", type=Path)
+    t.add_argument("--lines", type=int, default=4000, help="training lines (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+
     m = sub.add_parser("mnist", help="check the four MNIST .gz IDX files and copy them")
     m.add_argument("dest", type=Path)
     m.add_argument("files", nargs="+", type=Path)
@@ -488,6 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             prepare_enwik8(args.src, args.dest, args.test_bytes)
         elif args.cmd == "mnist":
             prepare_mnist(args.files, args.dest, args.items)
+        elif args.cmd == "toy":
+            prepare_toy(args.dest, args.lines, args.seed)
     except PrepareError as e:
         log.error("error: %s", e)
         return 1

@@ -327,3 +327,22 @@ def test_enwik8_splits_and_raw_source(tmp_path):
     assert prepare.decode_text((tmp_path / "out" / "train.txt").read_text()) == raw[:-80]
     assert prepare.is_complete(tmp_path / "out", {"test_bytes": 40})
     assert not prepare.is_complete(tmp_path / "out", {"test_bytes": 5_000_000})
+
+
+def test_toy_corpus_is_local_deterministic_and_has_its_long_range_dependency(tmp_path):
+    for dest in ("a", "b"):
+        out = subprocess.run(["bash", str(GETDATA), "--dest", str(tmp_path / dest), "toy"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    for split in ("train.txt", "valid.txt", "test.txt"):
+        a = (tmp_path / "a" / "toy" / split).read_text()
+        assert a == (tmp_path / "b" / "toy" / split).read_text()
+        lines = a.splitlines()
+        assert len(lines) == (4000 if split == "train.txt" else 400)
+        for line in lines:
+            words = line.split()
+            assert words[-2] == "=" and words[-1] == words[0] and words[0].startswith("t")
+            assert all(w.startswith("w") for w in words[1:-2]) and 10 <= len(words) - 3 <= 40
+    again = subprocess.run(["bash", str(GETDATA), "--dest", str(tmp_path / "a"), "toy"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "skipping" in again.stderr
