@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -96,7 +97,9 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol is reported below instead
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint: it holds objects that a safe "
                               f"load refuses (a pickled model from other code?): {exc}".splitlines()[0]) from None
