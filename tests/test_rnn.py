@@ -1,0 +1,299 @@
+"""The vanilla RNN layer: exact against plain autograd and nn.RNN, input checks, and the factory."""
+
+import copy
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from awd_nonnormal.rnn import (
+    IMPLS,
+    NONLINEARITIES,
+    RNN,
+    RNN_TYPES,
+    build_rnn,
+    init_hidden,
+    quiet_cudnn_weight_warning,
+    rnn,
+    rnn_reference,
+    uses_fused_kernel,
+)
+
+T, B, D, N = 5, 3, 4, 6
+
+
+def _inputs(num_layers, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, D, generator=g, dtype=dtype, requires_grad=True)
+    h0 = (0.5 * torch.randn(num_layers, B, N, generator=g, dtype=dtype)).requires_grad_()
+    return x, h0
+
+
+def _layer_tensors(num_layers, bias, dtype=torch.float64, seed=1):
+    """Flat list of per-layer weights (w_ih, w_hh[, b_ih, b_hh]) as leaf tensors."""
+    g = torch.Generator().manual_seed(seed)
+    flat = []
+    for k in range(num_layers):
+        d = D if k == 0 else N
+        flat.append(torch.randn(N, d, generator=g, dtype=dtype) / d**0.5)
+        flat.append(torch.randn(N, N, generator=g, dtype=dtype) / N**0.5)
+        if bias:
+            flat.append(0.3 * torch.randn(N, generator=g, dtype=dtype))
+            flat.append(0.3 * torch.randn(N, generator=g, dtype=dtype))
+    return [w.requires_grad_() for w in flat]
+
+
+def _group(flat, num_layers, bias):
+    per = 4 if bias else 2
+    layers = [tuple(flat[k * per:(k + 1) * per]) for k in range(num_layers)]
+    return [layer if bias else layer + (None, None) for layer in layers]
+
+
+def _grads(fn, tensors):
+    out, h_n = fn()
+    # Weight the outputs so every step and h_n contribute distinct gradients.
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    loss = (out * w).sum() + (h_n**2).sum()
+    return out, h_n, torch.autograd.grad(loss, tensors)
+
+
+CASES = list(itertools.product(NONLINEARITIES, (1, 2), (True, False)))
+
+
+@pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
+def test_gradcheck_python_path(nonlinearity, num_layers, bias):
+    x, h0 = _inputs(num_layers)
+    flat = _layer_tensors(num_layers, bias)
+
+    def f(x, h0, *flat):
+        return rnn(x, h0, _group(flat, num_layers, bias), nonlinearity, impl="python")
+
+    # Random float64 data keeps every pre-activation far (>> the 1e-6 step) from the kinks of
+    # relu and elu at 0, and the comparison with the reference below does not depend on it.
+    assert torch.autograd.gradcheck(f, (x, h0, *flat), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
+def test_matches_autograd_reference(nonlinearity, num_layers, bias):
+    x, h0 = _inputs(num_layers)
+    flat = _layer_tensors(num_layers, bias)
+    layers = _group(flat, num_layers, bias)
+    ref_out, ref_hn, ref_grads = _grads(
+        lambda: rnn_reference(x, h0, layers, nonlinearity), (x, h0, *flat)
+    )
+    impls = IMPLS if nonlinearity in ("tanh", "relu") else ("auto", "python")
+    for impl in impls:
+        out, h_n, grads = _grads(lambda: rnn(x, h0, layers, nonlinearity, impl=impl), (x, h0, *flat))
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_n, ref_hn, rtol=1e-12, atol=1e-12)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("num_layers,bias", [(1, True), (2, True), (2, False)])
+def test_matches_nn_rnn(nonlinearity, num_layers, bias):
+    torch.manual_seed(0)
+    ref = nn.RNN(D, N, num_layers, nonlinearity=nonlinearity, bias=bias)
+    ours = RNN(D, N, num_layers, nonlinearity=nonlinearity, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(T, B, D)
+    h0 = torch.randn(num_layers, B, N)
+    for impl in IMPLS:
+        ours.impl = impl
+        ours.zero_grad()
+        ref.zero_grad()
+        out, h_n, grads = _grads(lambda: ours(x, h0), list(ours.parameters()))
+        ref_out, ref_hn, ref_grads = _grads(lambda: ref(x, h0), list(ref.parameters()))
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(h_n, ref_hn)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+def test_parameters_and_default_init_like_nn_rnn():
+    m = RNN(3, 16, num_layers=2, nonlinearity="elu")
+    ref = nn.RNN(3, 16, num_layers=2)
+    shapes = {k: v.shape for k, v in m.named_parameters()}
+    assert shapes == {k: v.shape for k, v in ref.named_parameters()}
+    bound = 1 / 16**0.5
+    for p in m.parameters():
+        assert p.abs().max() <= bound
+        assert p.std() > bound / 4  # not all zero or constant
+    assert list(dict(RNN(3, 4, bias=False).named_parameters())) == ["weight_ih_l0", "weight_hh_l0"]
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_module_float32_and_float64(nonlinearity):
+    m = RNN(D, N, 2, nonlinearity)
+    x = torch.randn(T, B, D)
+    out, h_n = m(x)
+    assert out.shape == (T, B, N) and h_n.shape == (2, B, N)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(h_n[-1], out[-1])
+    ref_out, _ = rnn_reference(x, torch.zeros(2, B, N), m.layer_weights(), nonlinearity)
+    torch.testing.assert_close(out, ref_out)
+    m64 = copy.deepcopy(m).double()
+    out64, _ = m64(x.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_from_h_n_only_and_input_without_grad():
+    m = RNN(D, N, 2, "elu").double()
+    x = torch.randn(T, B, D, dtype=torch.float64)  # no grad needed for the input
+    _, h_n = m(x)
+    h_n.sum().backward()
+    ref_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    _, ref_hn = rnn_reference(x, torch.zeros(2, B, N, dtype=torch.float64), m.layer_weights(), "elu")
+    ref_hn.sum().backward()
+    for g, p in zip(ref_grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_non_contiguous_input():
+    m = RNN(D, N, 1, "elu")
+    x_bt = torch.randn(B, T, D)  # batch-first data, transposed to (T, B, D) without a copy
+    x = x_bt.transpose(0, 1)
+    assert not x.is_contiguous()
+    out, _ = m(x)
+    torch.testing.assert_close(out, m(x.contiguous())[0])
+
+
+def test_autocast_runs_in_weight_dtype():
+    m = RNN(D, N, 2, "elu")
+    x = torch.randn(T, B, D)
+    ref, _ = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = m(x)
+        out.sum().backward()
+    assert out.dtype == torch.float32 and m.weight_hh_l0.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
+def test_state_dict_roundtrip_deepcopy_and_no_warnings():
+    m = RNN(D, N, 2, "elu")
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = RNN(D, N, 2, "elu")
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(T, B, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = m(x)
+        out.sum().backward()
+        torch.testing.assert_close(m2(x)[0], out)
+        torch.testing.assert_close(copy.deepcopy(m)(x)[0], out)
+
+
+def test_bad_inputs():
+    m = RNN(D, N, 2)
+    with pytest.raises(ValueError, match="input_size=4"):
+        m(torch.randn(T, B, D + 1))
+    with pytest.raises(ValueError, match="2-D"):
+        m(torch.randn(T, D))
+    with pytest.raises(ValueError, match=r"\(2, 3, 6\)"):
+        m(torch.randn(T, B, D), torch.zeros(1, B, N))
+    with pytest.raises(ValueError, match="hidden state"):
+        m(torch.randn(T, B, D), torch.zeros(2, B + 1, N))
+    with pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(T, B, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tanh, relu, elu, linear"):
+        RNN(D, N, nonlinearity="selu")
+    with pytest.raises(ValueError, match="positive integer"):
+        RNN(D, 0)
+    m.impl = "bogus"
+    with pytest.raises(ValueError, match="auto, fused, python"):
+        m(torch.randn(T, B, D))
+    m = RNN(D, N, nonlinearity="elu")
+    m.impl = "fused"
+    with pytest.raises(ValueError, match="no fused kernel"):
+        m(torch.randn(T, B, D))
+
+
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_build_rnn_and_init_hidden(rnn_type, num_layers):
+    layer = build_rnn(rnn_type, D, N, num_layers, nonlinearity="elu")
+    expected = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": RNN}[rnn_type]
+    assert type(layer) is expected
+    hidden = init_hidden(rnn_type, num_layers, B, N, dtype=torch.float64)
+    layer = layer.double()
+    if rnn_type == "LSTM":
+        h, c = hidden
+        assert h.shape == c.shape == (num_layers, B, N) and not h.any() and not c.any()
+        assert h.dtype == torch.float64
+    else:
+        assert hidden.shape == (num_layers, B, N) and not hidden.any()
+    out, new_hidden = layer(torch.randn(T, B, D, dtype=torch.float64), hidden)
+    assert out.shape == (T, B, N)
+    assert type(new_hidden) is type(hidden)
+    if rnn_type == "RNN":
+        assert layer.nonlinearity == "elu"
+
+
+def test_build_rnn_errors_list_the_options():
+    with pytest.raises(ValueError, match="LSTM, GRU, RNN"):
+        build_rnn("QRNN", D, N)
+    with pytest.raises(ValueError, match="LSTM, GRU, RNN"):
+        init_hidden("lstm", 1, B, N)
+    with pytest.raises(ValueError, match="tanh, relu, elu, linear"):
+        build_rnn("RNN", D, N, nonlinearity="sigmoid")
+
+
+def test_apply_init_chain_sets_the_sub_diagonal():
+    init = pytest.importorskip("awd_nonnormal.init")
+    m = init.apply_init(RNN(10, 8, num_layers=2, nonlinearity="elu"), "chain")
+    for k in range(2):
+        w = getattr(m, f"weight_hh_l{k}").detach()
+        torch.testing.assert_close(w, torch.diag(torch.ones(7), -1))  # W[i, i-1] = 1
+        assert w[1, 0] == 1 and w[0, 1] == 0
+
+
+def test_path_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for nl in NONLINEARITIES:
+        assert not uses_fused_kernel(nl, cpu)  # the hand-written path measured faster on CPU
+        assert uses_fused_kernel(nl, cuda) == (nl in ("tanh", "relu"))  # cuDNN where it exists
+        assert not uses_fused_kernel(nl, cuda, "python")
+
+
+def test_cudnn_warning_filter_is_targeted():
+    message = (
+        "RNN module weights are not part of single contiguous chunk of memory. This means they "
+        "need to be compacted at every call, possibly greatly increasing memory usage."
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_cudnn_weight_warning():
+            warnings.warn(message, UserWarning)
+            warnings.warn("something else", UserWarning)
+        with quiet_cudnn_weight_warning(enabled=False):
+            warnings.warn(message, UserWarning)
+        warnings.warn(message, UserWarning)  # the filter ends with the block
+    assert [str(w.message)[:14] for w in caught] == ["something else", "RNN module wei", "RNN module wei"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_cuda_matches_cpu(nonlinearity):
+    cpu = RNN(D, N, 2, nonlinearity).double()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    out, h_n, grads = _grads(lambda: cpu(x), list(cpu.parameters()))
+    impls = IMPLS if nonlinearity in ("tanh", "relu") else ("auto", "python")
+    for impl in impls:
+        gpu.impl = impl
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g_out, g_hn, g_grads = _grads(lambda: gpu(x.cuda()), list(gpu.parameters()))
+        torch.testing.assert_close(g_out.cpu(), out)
+        torch.testing.assert_close(g_hn.cpu(), h_n)
+        for g, ref in zip(g_grads, grads):
+            torch.testing.assert_close(g.cpu(), ref)
