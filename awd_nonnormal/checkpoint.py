@@ -27,7 +27,6 @@ import pickle
 import random
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -70,6 +69,18 @@ def atomic_write(path: PathLike, write) -> Path:
     return path
 
 
+def _to_cpu(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Detached CPU copies that keep shared storage shared (tied weights are stored once)."""
+    copies: Dict[Any, torch.Tensor] = {}
+    out = {}
+    for k, v in tensors.items():
+        key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
+        if key not in copies:
+            copies[key] = v.detach().cpu()
+        out[k] = copies[key]
+    return out
+
+
 def save_checkpoint(path: PathLike, *, kind: str, arch: Mapping[str, Any], config: Mapping[str, Any],
                     model: Mapping[str, torch.Tensor], **extra: Any) -> Path:
     """Write a checkpoint atomically. ``extra`` holds the optional keys (``optimizer``, ``epoch``,
@@ -79,7 +90,7 @@ def save_checkpoint(path: PathLike, *, kind: str, arch: Mapping[str, Any], confi
     payload: Dict[str, Any] = {
         "format": FORMAT, "version": SCHEMA_VERSION, "kind": kind,
         "arch": dict(arch), "config": dict(config),
-        "model": {k: v.detach().cpu() for k, v in model.items()},
+        "model": _to_cpu(model),
         **extra,
     }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -103,7 +114,7 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint: it holds objects that a safe "
                               f"load refuses (a pickled model from other code?): {exc}".splitlines()[0]) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # the safe unpickler raises many kinds on junk bytes (KeyError too)
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

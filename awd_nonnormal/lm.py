@@ -1,0 +1,733 @@
+"""Training and evaluating the language model: AWD-LSTM's training procedure (Merity, Keskar &
+Socher 2018, "Regularizing and Optimizing LSTM Language Models"; github salesforce/awd-lstm-lm
+``main.py``) as a library, with resumable runs.
+
+What one epoch does:
+
+* variable-length truncated BPTT: the window is ``bptt`` with probability 0.95 and ``bptt / 2``
+  otherwise, then ``seq_len ~ N(window, 5)``, at least 5 (AWD-LSTM section 4.1). The draws come
+  from a dedicated ``torch.Generator`` seeded with ``--seed``, whose state is checkpointed. The
+  learning rate of the batch is scaled by ``seq_len / bptt``, so that every token has the same
+  weight;
+* loss = cross-entropy (nats) + AR ``alpha * mean(dropped last-layer output ** 2)`` + TAR
+  ``beta * mean((h_t - h_{t-1}) ** 2)`` on the undropped last-layer output (AWD-LSTM section 4.6);
+  gradient-norm clipping ``--clip``; weight decay ``--wdecay``; the hidden state is carried from
+  batch to batch and detached in between;
+* validation at the end of every epoch. SGD switches to averaged SGD
+  (``ASGD(t0=0, lambd=0)``) when the validation loss is worse than the best of all but the last
+  ``nonmono`` epochs (the non-monotone trigger, AWD-LSTM section 3); under ASGD the validation and
+  the best-model checkpoint use the averaged weights (``optimizer.state[p]["ax"]``).
+  ``--when`` epochs divide the learning rate by 10.
+
+Files of a run with ``--save DIR/NAME.pt`` (see :class:`RunPaths`):
+
+* ``DIR/NAME.pt``: the best model by validation loss (averaged weights under ASGD), used for the
+  final test and for analysis; its ``test`` entry holds the test result once the run is done;
+* ``DIR/NAME.latest.pt``: the complete state after the last finished epoch (or at the batch where
+  Ctrl-C stopped the run), used by ``--resume``;
+* ``DIR/NAME.metrics.jsonl``: one JSON object per epoch;
+* ``DIR/NAME.e{k}.pt``: the model before the learning rate is divided at a ``--when`` epoch k.
+
+Differences from the reference code, on purpose: the criterion's parameters stay in the optimizer
+when it switches to ASGD; ASGD starts from the current learning rate (the reference restarted from
+``--lr``, undoing ``--when`` divisions made before the switch); evaluation losses are averages over
+exactly the predicted tokens (the reference divided by one more row); the learning-rate scaling
+uses the batch's actual length (shorter at the end of the data); the training loss in the metrics is
+averaged over tokens rather than batches; a non-finite loss stops the run instead of training on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
+from .init import load_plugin
+from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
+from .utils import resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "RunPaths", "RunResult", "LMError",
+    "ResumeError", "NonFiniteLossError", "RunExistsError", "Trainer", "evaluate", "run",
+    "merge_resume_config", "should_switch_to_asgd", "loss_units", "activation_regularization",
+    "averaged_weights",
+]
+
+OPTIMIZERS = ("sgd", "adam")
+
+#: TrainConfig fields that a resumed run may change. Everything else (the whole model config, the
+#: batch size, bptt, learning rate, regularisation weights, optimizer and seed) defines the run and
+#: is taken from the checkpoint; giving a different value on the command line is an error.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "when", "nonmono", "log_interval", "save", "device", "eval_batch_size",
+    "test_batch_size", "progress", "overwrite", "data", "init_plugins",
+})
+
+LN2 = math.log(2.0)
+
+
+class LMError(RuntimeError):
+    """A language-model run cannot start or go on; the message says why."""
+
+
+class ResumeError(LMError):
+    """``--resume`` names a checkpoint that cannot continue with the given settings."""
+
+
+class RunExistsError(LMError):
+    """A new run would overwrite the files of another run."""
+
+
+class NonFiniteLossError(LMError):
+    """The training or validation loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a language model is trained (AWD-LSTM's flags of the same names).
+
+    Attributes:
+        data: corpus folder (``train.txt``, ``valid.txt``, ``test.txt``).
+        batch_size, eval_batch_size, test_batch_size: columns of the batched training,
+            validation and test streams (AWD-LSTM: 80, 10, 1).
+        bptt: mean truncated-BPTT length; also the chunk length of evaluation.
+        lr: initial learning rate. clip: gradient-norm clip (0: none).
+        epochs: last epoch to train. alpha, beta: AR and TAR weights. wdecay: weight decay.
+        optimizer: ``sgd`` (switching to ASGD) or ``adam``.
+        when: epochs at whose end the learning rate is divided by 10.
+        nonmono: the non-monotone interval of the ASGD trigger.
+        seed: seeds the global generators and the BPTT-length generator.
+        log_interval: batches between log lines.
+        save: path of the best-model checkpoint; the other files of the run go beside it.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        init_plugins: initializer plug-ins to import (module names or ``.py`` files).
+        progress: show a tqdm progress bar over the batches.
+        overwrite: allow a new run to replace existing files at ``save``.
+    """
+
+    data: str = "data/penn"
+    batch_size: int = 80
+    eval_batch_size: int = 10
+    test_batch_size: int = 1
+    bptt: int = 70
+    lr: float = 30.0
+    clip: float = 0.25
+    epochs: int = 8000
+    alpha: float = 2.0
+    beta: float = 1.0
+    wdecay: float = 1.2e-6
+    optimizer: str = "sgd"
+    when: Tuple[int, ...] = (-1,)
+    nonmono: int = 5
+    seed: int = 1111
+    log_interval: int = 200
+    save: str = "model.pt"
+    device: str = "auto"
+    init_plugins: Tuple[str, ...] = ()
+    progress: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+        for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.nonmono < 0:
+            raise ValueError(f"nonmono must be >= 0, got {self.nonmono}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("clip", "alpha", "beta", "wdecay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        object.__setattr__(self, "when", tuple(int(e) for e in self.when))
+        object.__setattr__(self, "init_plugins", tuple(str(p) for p in self.init_plugins))
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["when"], d["init_plugins"] = list(self.when), list(self.init_plugins)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"train config holds unknown key(s): {', '.join(sorted(unknown))}")
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run, all derived from ``--save`` (``DIR/NAME.pt``)."""
+
+    best: Path      # DIR/NAME.pt: best model by validation loss
+    latest: Path    # DIR/NAME.latest.pt: full state for --resume
+    metrics: Path   # DIR/NAME.metrics.jsonl: one JSON line per epoch
+
+    @classmethod
+    def from_save(cls, save: str) -> "RunPaths":
+        best = Path(save)
+        stem = best.name[:-3] if best.name.endswith(".pt") else best.name
+        return cls(best, best.with_name(f"{stem}.latest.pt"), best.with_name(f"{stem}.metrics.jsonl"))
+
+    def snapshot(self, epoch: int) -> Path:
+        """DIR/NAME.e{epoch}.pt: the model before a ``--when`` learning-rate division."""
+        stem = self.best.name[:-3] if self.best.name.endswith(".pt") else self.best.name
+        return self.best.with_name(f"{stem}.e{epoch}.pt")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` reports. Losses are in nats per token."""
+
+    paths: RunPaths
+    epochs_done: int
+    best_epoch: int
+    val_loss: Optional[float]
+    test_loss: Optional[float]
+    interrupted: bool
+    stopped_at: Optional[str] = None  # "epoch k, batch b" when Ctrl-C stopped training
+
+
+def loss_units(loss: float) -> Dict[str, float]:
+    """A loss in nats as ``{"loss", "ppl", "bpt"}``: perplexity ``e^loss`` and bits per token
+    ``loss / ln 2`` (bits per word or per character, depending on the corpus)."""
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return {"loss": loss, "ppl": ppl, "bpt": loss / LN2}
+
+
+def should_switch_to_asgd(val_history: Sequence[float], val_loss: float, nonmono: int) -> bool:
+    """AWD-LSTM's non-monotone trigger: switch when more than ``nonmono`` epochs have been
+    validated and ``val_loss`` is worse than the best of all of them but the last ``nonmono``."""
+    older = list(val_history)[:len(val_history) - nonmono]
+    return len(val_history) > nonmono and val_loss > min(older)
+
+
+def activation_regularization(raw_output: Tensor, dropped_output: Tensor, alpha: float, beta: float) -> Tensor:
+    """AWD-LSTM's AR + TAR penalty (Merity et al. 2018, section 4.6) on the last layer:
+    ``alpha * mean(dropped_output ** 2) + beta * mean((raw_output[t] - raw_output[t-1]) ** 2)``.
+    AR acts on the output after dropout, TAR on the undropped one; both (T, B, N)."""
+    penalty = raw_output.new_zeros(())
+    if alpha:
+        penalty = penalty + alpha * dropped_output.pow(2).mean()
+    if beta and raw_output.size(0) > 1:
+        penalty = penalty + beta * (raw_output[1:] - raw_output[:-1]).pow(2).mean()
+    return penalty
+
+
+def _make_optimizer(name: str, params: List[nn.Parameter], lr: float, wdecay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wdecay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wdecay)
+    if name == "asgd":
+        # t0=0, lambd=0: average every iterate from the switch on, at a constant step size.
+        return torch.optim.ASGD(params, lr=lr, t0=0, lambd=0.0, weight_decay=wdecay)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: sgd, adam, asgd")
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer):
+    """Under ASGD, swap the averaged weights ``state[p]["ax"]`` into the parameters for the block
+    and put the live ones back afterwards (also on an exception); otherwise do nothing."""
+    if not isinstance(optimizer, torch.optim.ASGD):
+        yield
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            ax = optimizer.state.get(p, {}).get("ax")
+            if ax is not None:
+                p.copy_(ax)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, live):
+                p.copy_(w)
+
+
+def evaluate(model: RNNModel, source: Tensor, batch_size: int, bptt: int,
+             check: Optional[Callable[[], None]] = None) -> float:
+    """Mean cross-entropy (nats per token) of ``model`` over the batched stream ``source``
+    (``(rows, batch_size)``), in chunks of ``bptt`` rows with the hidden state carried over.
+    ``check`` is called after every chunk (the interrupt check of the training loop)."""
+    model.eval()
+    hidden = model.init_hidden(batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=source.device)
+    count = 0
+    with torch.no_grad():
+        for i in range(0, source.size(0) - 1, bptt):
+            data, targets = get_batch(source, i, bptt)  # (L, B), (L*B,)
+            logits, hidden = model(data, hidden)  # (L, B, V)
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets, reduction="sum").double()
+            count += targets.numel()
+            if check is not None:
+                check()
+    return total.item() / count
+
+
+class _Interrupts:
+    """Turns the first Ctrl-C (SIGINT) into a request that the training loop honours at the next
+    batch boundary, where the state is consistent; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.hard = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            self.hard = True
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping at the end of this batch (press Ctrl-C again to abort now)")
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+@dataclass
+class _State:
+    """The mutable position of a run; everything in it goes into the latest checkpoint."""
+
+    epoch: int = 1                 # the epoch in progress (or the next to run)
+    pos: int = 0                   # row of the training stream where the next batch starts
+    batch: int = 0                 # batches done in this epoch
+    hidden: Optional[Hidden] = None
+    loss_sum: float = 0.0          # sum over the epoch's tokens of the raw training loss (nats)
+    tokens: int = 0                # training tokens seen in this epoch
+    train_time: float = 0.0        # seconds of training in this epoch so far
+    best_val: float = math.inf
+    best_epoch: int = 0
+    val_history: List[float] = field(default_factory=list)
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    at_boundary: bool = True       # False while a batch or an epoch's end is half done
+
+
+def _hidden_to(hidden: Optional[Hidden], device: torch.device) -> Optional[Hidden]:
+    if hidden is None:
+        return None
+    if isinstance(hidden, Tensor):
+        return hidden.detach().to(device)
+    return type(hidden)(_hidden_to(h, device) for h in hidden)
+
+
+class Trainer:
+    """One language-model run: the model, its optimizer, the data streams and the run state.
+
+    Built by :func:`run`; :meth:`fit` trains until ``epochs`` (or Ctrl-C) and writes the run's
+    checkpoints and metrics.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus,
+                 device: torch.device, paths: RunPaths, criterion: Optional[nn.Module] = None) -> None:
+        self.model_cfg = model_cfg
+        self.cfg = train_cfg
+        self.corpus = corpus
+        self.device = device
+        self.paths = paths
+        seed_everything(train_cfg.seed)
+        self.bptt_rng = torch.Generator().manual_seed(train_cfg.seed)
+        self.model = RNNModel(model_cfg).to(device)
+        self.initial_rnn = self.model.recurrent_state()
+        # criterion(logits (N, V), targets (N,)) -> mean loss in nats; a module with parameters
+        # (e.g. an adaptive or split softmax) is trained with the model.
+        self.criterion = (criterion if criterion is not None else nn.CrossEntropyLoss()).to(device)
+        # The optimizer covers the criterion's parameters too (none for a full softmax; a split
+        # softmax would have some), before and after the switch to ASGD.
+        self.params: List[nn.Parameter] = list(self.model.parameters()) + list(self.criterion.parameters())
+        self.optimizer_name = train_cfg.optimizer
+        self.optimizer = _make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.wdecay)
+        self.train_data = batchify(corpus.train, train_cfg.batch_size, device)  # (rows, B)
+        self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
+        self.state = _State()
+        self.interrupts = _Interrupts()
+        n_params = sum(p.numel() for p in self.params)
+        logger.info("model: %s, %d parameters; %d training tokens per epoch (%d rows x %d)",
+                    model_cfg.rnn_type, n_params, self.train_data.numel(), self.train_data.size(0),
+                    train_cfg.batch_size)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _common(self) -> Dict[str, Any]:
+        return {
+            "arch": self.model.arch(),
+            "config": {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict()},
+            "initial_rnn": self.initial_rnn,
+            "vocab_fingerprint": self.corpus.fingerprint,
+            "metrics": list(self.state.metrics),
+        }
+
+    def _save_model(self, path: Path, role: str, epoch: int, val_loss: float,
+                    metrics: List[Dict[str, Any]]) -> None:
+        """The model alone (best or snapshot); the caller has the wanted weights in place."""
+        common = self._common()
+        common["metrics"] = metrics
+        save_checkpoint(path, kind="lm", arch=common.pop("arch"), config=common.pop("config"),
+                        model=self.model.state_dict(), role=role, epoch=epoch, val_loss=val_loss,
+                        best_val=min(val_loss, self.state.best_val), optimizer_name=self.optimizer_name,
+                        **common)
+
+    def save_latest(self, mid_epoch: bool) -> None:
+        """The complete state; ``mid_epoch`` records the batch position inside ``state.epoch``."""
+        st = self.state
+        common = self._common()
+        position = None
+        if mid_epoch:
+            position = {"epoch": st.epoch, "pos": st.pos, "batch": st.batch,
+                        "hidden": _hidden_to(st.hidden, torch.device("cpu")),
+                        "loss_sum": st.loss_sum, "tokens": st.tokens, "train_time": st.train_time}
+        save_checkpoint(
+            self.paths.latest, kind="lm", arch=common.pop("arch"), config=common.pop("config"),
+            model=self.model.state_dict(), role="latest",
+            epoch=st.epoch - 1,  # the last finished epoch
+            position=position,
+            optimizer=self.optimizer.state_dict(), optimizer_name=self.optimizer_name,
+            criterion=self.criterion.state_dict(), lr=self.optimizer.param_groups[0]["lr"],
+            best_val=st.best_val, best_epoch=st.best_epoch, val_history=list(st.val_history),
+            rng=rng_state(), bptt_rng=self.bptt_rng.get_state(), **common)
+
+    def restore(self, ckpt: Mapping[str, Any]) -> None:
+        """Continue from a latest checkpoint (:meth:`save_latest`)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.criterion.load_state_dict(ckpt.get("criterion", {}))
+        self.initial_rnn = ckpt["initial_rnn"]
+        self.optimizer_name = ckpt["optimizer_name"]
+        self.optimizer = _make_optimizer(self.optimizer_name, self.params, self.cfg.lr, self.cfg.wdecay)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        st = self.state
+        st.best_val = float(ckpt["best_val"])
+        st.best_epoch = int(ckpt["best_epoch"])
+        st.val_history = [float(v) for v in ckpt["val_history"]]
+        st.metrics = [dict(m) for m in ckpt["metrics"]]
+        position = ckpt.get("position")
+        if position:
+            st.epoch, st.pos, st.batch = int(position["epoch"]), int(position["pos"]), int(position["batch"])
+            st.hidden = _hidden_to(position["hidden"], self.device)
+            st.loss_sum, st.tokens = float(position["loss_sum"]), int(position["tokens"])
+            st.train_time = float(position["train_time"])
+        else:
+            st.epoch = int(ckpt["epoch"]) + 1
+        set_rng_state(ckpt["rng"])
+        self.bptt_rng.set_state(ckpt["bptt_rng"])
+        logger.info("resuming at epoch %d, batch %d (%s, lr %g, best validation loss %.4f)",
+                    st.epoch, st.batch, self.optimizer_name, self.optimizer.param_groups[0]["lr"],
+                    st.best_val)
+
+    def write_metrics_file(self) -> None:
+        """Rewrite the metrics file from the state (on resume: the checkpoint is the truth)."""
+        text = "".join(json.dumps(m) + "\n" for m in self.state.metrics)
+        atomic_write(self.paths.metrics, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    # ------------------------------------------------------------------ training
+
+    def _kept(self) -> str:
+        kept = [str(p) for p in (self.paths.best, self.paths.latest) if p.exists()]
+        if not kept:
+            return "no checkpoint had been written yet"
+        return f"the checkpoints of the last good epoch are kept: {' and '.join(kept)}"
+
+    def check_interrupt(self) -> None:
+        """Raise KeyboardInterrupt at a consistent point when Ctrl-C was pressed."""
+        if self.interrupts.requested:
+            raise KeyboardInterrupt
+
+    def _draw_seq_len(self) -> int:
+        g = self.bptt_rng
+        window = self.cfg.bptt if torch.rand((), generator=g).item() < 0.95 else self.cfg.bptt / 2.0
+        return max(5, int(torch.normal(float(window), 5.0, (1,), generator=g).item()))
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.criterion(logits.view(-1, logits.size(-1)), targets)
+
+    def _train_epoch(self, progress) -> None:
+        st, cfg, model = self.state, self.cfg, self.model
+        model.train()
+        if st.pos == 0:
+            st.hidden = model.init_hidden(cfg.batch_size)
+        rows = self.train_data.size(0)
+        log_loss, log_tokens, log_start, log_batches = 0.0, 0, time.perf_counter(), 0
+        while st.pos < rows - 2:  # at least two rows, so that TAR has a difference
+            st.at_boundary = False
+            start = time.perf_counter()
+            data, targets = get_batch(self.train_data, st.pos, self._draw_seq_len())  # (L, B), (L*B,)
+            seq_len = data.size(0)
+            group = self.optimizer.param_groups[0]
+            lr = group["lr"]
+            group["lr"] = lr * seq_len / cfg.bptt
+            try:
+                hidden = repackage_hidden(st.hidden)
+                self.optimizer.zero_grad(set_to_none=True)
+                logits, hidden, raw_outputs, outputs = model(data, hidden, return_h=True)
+                raw_loss = self._loss(logits, targets)
+                loss = raw_loss + activation_regularization(raw_outputs[-1], outputs[-1], cfg.alpha, cfg.beta)
+                loss.backward()
+                checks = [raw_loss.detach(), loss.detach()]
+                if cfg.clip:
+                    checks.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip))
+                values = torch.stack([c.float() for c in checks]).tolist()  # one sync per batch
+                bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+                if bad:
+                    what = ("training loss", "training loss with AR/TAR", "gradient norm")[bad[0]]
+                    raise NonFiniteLossError(
+                        f"{what} is {values[bad[0]]} at epoch {st.epoch}, batch {st.batch + 1} "
+                        f"(lr {lr:g}): stopping. This batch's update was not applied; "
+                        f"{self._kept()}. Try a smaller --lr or --clip.")
+                self.optimizer.step()
+            finally:
+                group["lr"] = lr
+            # commit the batch
+            st.hidden = hidden
+            st.pos += seq_len
+            st.batch += 1
+            ntok = targets.numel()
+            st.loss_sum += values[0] * ntok
+            st.tokens += ntok
+            st.train_time += time.perf_counter() - start
+            st.at_boundary = True
+            log_loss += values[0] * ntok
+            log_tokens += ntok
+            log_batches += 1
+            if progress is not None:
+                progress.update(ntok)
+                progress.set_postfix(loss=f"{values[0]:.3f}", refresh=False)
+            if st.batch % cfg.log_interval == 0:
+                mean = log_loss / log_tokens
+                u = loss_units(mean)
+                elapsed = time.perf_counter() - log_start
+                logger.info("| epoch %3d | %5d/%5d batches | lr %.5g | ms/batch %6.1f | loss %5.2f | "
+                            "ppl %8.2f | bpt %6.3f", st.epoch, st.batch, rows // cfg.bptt, lr,
+                            1000 * elapsed / log_batches, mean, u["ppl"], u["bpt"])
+                log_loss, log_tokens, log_start, log_batches = 0.0, 0, time.perf_counter(), 0
+            self.check_interrupt()
+
+    def _end_epoch(self, epoch_start: float) -> None:
+        st, cfg = self.state, self.cfg
+        epoch = st.epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        with averaged_weights(self.optimizer):  # under ASGD, validate and keep the averaged weights
+            val_loss = evaluate(self.model, self.val_data, cfg.eval_batch_size, cfg.bptt,
+                                check=self.check_interrupt)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLossError(f"validation loss is {val_loss} after epoch {epoch}: stopping; "
+                                         f"{self._kept()}.")
+            u = loss_units(val_loss)
+            train_loss = st.loss_sum / max(st.tokens, 1)
+            record = {
+                "epoch": epoch, "train_loss": train_loss, "train_ppl": loss_units(train_loss)["ppl"],
+                "val_loss": val_loss, "val_ppl": u["ppl"], "val_bpt": u["bpt"],
+                "best_val_loss": min(val_loss, st.best_val), "lr": lr, "optimizer": self.optimizer_name,
+                "batches": st.batch, "train_time_s": st.train_time,
+                "epoch_time_s": time.perf_counter() - epoch_start,
+                "tokens_per_s": st.tokens / st.train_time if st.train_time > 0 else 0.0,
+            }
+            if val_loss < st.best_val:
+                self._save_model(self.paths.best, "best", epoch, val_loss, st.metrics + [record])
+                logger.info("saved the new best model (validation loss %.4f) to %s", val_loss, self.paths.best)
+        logger.info("| end of epoch %3d | time: %6.1fs | valid loss %6.3f | valid ppl %8.2f | valid bpt %6.3f",
+                    epoch, record["epoch_time_s"], val_loss, u["ppl"], u["bpt"])
+        if epoch in cfg.when:  # the live weights, before the learning rate drops (as awd-lstm-lm)
+            self._save_model(self.paths.snapshot(epoch), "snapshot", epoch, val_loss, st.metrics + [record])
+        # Commit: from here the epoch is done.
+        st.at_boundary = False
+        if val_loss < st.best_val:
+            st.best_val, st.best_epoch = val_loss, epoch
+        if self.optimizer_name == "sgd" and should_switch_to_asgd(st.val_history, val_loss, cfg.nonmono):
+            logger.info("validation loss %.4f is worse than the best before the last %d epochs: "
+                        "switching to averaged SGD", val_loss, cfg.nonmono)
+            self.optimizer_name = "asgd"
+            self.optimizer = _make_optimizer("asgd", self.params, lr, cfg.wdecay)
+        st.val_history.append(val_loss)
+        if epoch in cfg.when:
+            logger.info("epoch %d is in --when: dividing the learning rate by 10", epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] /= 10.0
+        st.metrics.append(record)
+        st.epoch, st.pos, st.batch, st.hidden = epoch + 1, 0, 0, None
+        st.loss_sum, st.tokens, st.train_time = 0.0, 0, 0.0
+        st.at_boundary = True
+        self.save_latest(mid_epoch=False)
+        with open(self.paths.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def fit(self) -> Tuple[bool, Optional[str]]:
+        """Train from the current state to ``epochs``. Returns ``(interrupted, where)``: after a
+        Ctrl-C the latest state is saved (so ``--resume`` continues at the next batch) and
+        training stops; a second Ctrl-C aborts at once (KeyboardInterrupt)."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        st, cfg = self.state, self.cfg
+        tokens_per_epoch = (self.train_data.size(0) - 1) * cfg.batch_size
+        with self.interrupts, (logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()):
+            try:
+                while st.epoch <= cfg.epochs:
+                    epoch_start = time.perf_counter() - st.train_time
+                    with tqdm(total=tokens_per_epoch, initial=st.pos * cfg.batch_size, unit="tok",
+                              unit_scale=True, desc=f"epoch {st.epoch}", leave=False,
+                              disable=not cfg.progress) as bar:
+                        self._train_epoch(bar if cfg.progress else None)
+                    self._end_epoch(epoch_start)
+            except KeyboardInterrupt:
+                where = f"epoch {st.epoch}, batch {st.batch}"
+                if st.at_boundary:
+                    self.save_latest(mid_epoch=True)
+                    logger.warning("Exiting from training early (%s); saved the state to %s: "
+                                   "--resume %s continues from there", where, self.paths.latest,
+                                   self.paths.latest)
+                else:
+                    logger.warning("training aborted in the middle of a batch (%s); %s holds the "
+                                   "state at the end of the last finished epoch", where, self.paths.latest)
+                if self.interrupts.hard:
+                    raise
+                return True, where
+        return False, None
+
+
+# ---------------------------------------------------------------------- running
+
+
+def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                        explicit: FrozenSet[str], where: str = "checkpoint") -> Tuple[ModelConfig, TrainConfig]:
+    """The configs of a resumed run: the checkpoint's, with the explicitly given
+    :data:`RESUMABLE_CHANGES` applied. ``explicit`` names the config fields the user set (on the
+    command line). Any other explicit field that differs from the checkpoint is a ResumeError.
+
+    Unless ``save`` is explicit, the run goes on writing beside the checkpoint ``where``
+    (``DIR/NAME.latest.pt`` -> ``DIR/NAME.pt``), so a moved run folder keeps working."""
+    try:
+        saved_model = ModelConfig.from_dict(ckpt["config"]["model"])
+        saved_train = TrainConfig.from_dict(ckpt["config"]["train"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{where}: not a language-model run of this code (its config cannot be "
+                          f"read: {exc})") from None
+    conflicts, updates = [], {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in explicit and f.name != "ntoken":
+            new, old = getattr(model_cfg, f.name), getattr(saved_model, f.name)
+            if new != old:
+                conflicts.append(f"{f.name} {new!r} (the checkpoint has {old!r})")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in explicit:
+            new, old = getattr(train_cfg, f.name), getattr(saved_train, f.name)
+            if new == old:
+                continue
+            if f.name in RESUMABLE_CHANGES:
+                updates[f.name] = new
+            else:
+                conflicts.append(f"{f.name} {new!r} (the checkpoint has {old!r})")
+    if conflicts:
+        raise ResumeError(
+            f"cannot resume {where} with different settings: {'; '.join(conflicts)}. A resumed run "
+            f"keeps the model and optimisation settings of its checkpoint; only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change. Start a new run (without --resume) "
+            f"to change the others.")
+    if "save" not in explicit and where.endswith(".latest.pt"):
+        updates["save"] = where[:-len(".latest.pt")] + ".pt"
+    return saved_model, dataclasses.replace(saved_train, **updates)
+
+
+def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> Tuple[float, float, int]:
+    """Evaluate the best model on the test set and record the result in its checkpoint.
+    Returns ``(val_loss, test_loss, best_epoch)``."""
+    ckpt = load_checkpoint(paths.best, kind="lm")
+    model = RNNModel.from_checkpoint(ckpt, map_location=device)
+    test_data = batchify(corpus.test, cfg.test_batch_size, device)
+    test_loss = evaluate(model, test_data, cfg.test_batch_size, cfg.bptt)
+    u = loss_units(test_loss)
+    logger.info("| end of training | test loss %6.3f | test ppl %8.2f | test bpt %6.3f",
+                test_loss, u["ppl"], u["bpt"])
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "version", "kind", "arch", "config", "model")}
+    extra["test"] = {**u, "batch_size": cfg.test_batch_size, "bptt": cfg.bptt}
+    save_checkpoint(paths.best, kind="lm", arch=ckpt["arch"], config=ckpt["config"], model=ckpt["model"], **extra)
+    return float(ckpt["val_loss"]), test_loss, int(ckpt["epoch"])
+
+
+def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str] = None,
+        explicit: FrozenSet[str] = frozenset()) -> RunResult:
+    """Train a language model (or continue the run of the latest checkpoint ``resume``), then
+    evaluate the best model on the test set.
+
+    With ``resume``, the configs come from the checkpoint; ``explicit`` names the fields the user
+    set, which must agree with it except for :data:`RESUMABLE_CHANGES` (see
+    :func:`merge_resume_config`). Raises DataError, CheckpointError, InitSpecError (a ValueError)
+    or an :class:`LMError` with a one-line reason; nothing is written before the inputs are
+    checked. After Ctrl-C the latest state is saved and the best model so far is tested.
+    """
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume, kind="lm")
+        if ckpt.get("role") != "latest":
+            hint = ""
+            if ckpt.get("role") in ("best", "snapshot"):
+                stem = Path(resume).name[:-3] if str(resume).endswith(".pt") else Path(resume).name
+                hint = f"; resume from the run's latest state, {Path(resume).with_name(stem + '.latest.pt')}"
+            raise ResumeError(f"{resume} holds a model without its training state (role "
+                              f"{ckpt.get('role')!r}), so it cannot be resumed{hint}")
+        model_cfg, train_cfg = merge_resume_config(ckpt, model_cfg, train_cfg, explicit, where=str(resume))
+    if ckpt is None:  # a resumed model is loaded, not initialised: it needs no plug-in
+        for plugin in train_cfg.init_plugins:
+            load_plugin(plugin)
+        check_init(model_cfg)
+    try:
+        device = resolve_device(train_cfg.device)
+    except ValueError as exc:
+        raise LMError(str(exc)) from None
+    paths = RunPaths.from_save(train_cfg.save)
+    own = ckpt is not None and Path(resume).resolve() == paths.latest.resolve()
+    if not own and not train_cfg.overwrite:
+        existing = [str(p) for p in (paths.best, paths.latest) if p.exists()]
+        if existing:
+            raise RunExistsError(f"{', '.join(existing)} already exist(s): choose another --save, "
+                                 f"continue that run with --resume {paths.latest}, or pass --overwrite")
+    corpus = load_corpus(train_cfg.data)
+    if ckpt is not None:
+        check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(resume), ntokens=model_cfg.ntoken)
+    model_cfg = dataclasses.replace(model_cfg, ntoken=len(corpus.dictionary))
+    logger.info("corpus %s: %d tokens in the vocabulary; train / valid / test %d / %d / %d tokens",
+                train_cfg.data, len(corpus.dictionary), len(corpus.train), len(corpus.valid), len(corpus.test))
+
+    trainer = Trainer(model_cfg, train_cfg, corpus, device, paths)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+        trainer.write_metrics_file()
+        del ckpt
+    elif paths.metrics.exists():  # --overwrite: a new run starts a new metrics file
+        paths.metrics.unlink()
+    interrupted, where = trainer.fit()
+    st = trainer.state
+    if not paths.best.exists() or st.best_epoch == 0:
+        logger.warning("no epoch was validated, so there is no best model to test")
+        return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where)
+    val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device)
+    return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where)

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Train a word- or character-level language model: AWD-LSTM (Merity et al. 2018) with LSTM, GRU
+or vanilla RNN layers and the non-normal initializers of Orhan & Pitkow (ICLR 2020).
+
+The flags of salesforce/awd-lstm-lm's main.py keep their names and defaults, except ``--cuda``,
+which is ``--device auto|cpu|cuda``. This script only parses the command line into
+:class:`~awd_nonnormal.model.ModelConfig` and :class:`~awd_nonnormal.lm.TrainConfig` and calls
+:func:`awd_nonnormal.lm.run`.
+
+Examples::
+
+    python main.py --data data/penn --model RNN --init chain --init-alpha 0.95 --optimizer adam --lr 1e-3
+    python main.py --resume runs/20240101-120000/model.latest.pt --epochs 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import FrozenSet, List, Optional, Sequence, Tuple
+
+from awd_nonnormal.checkpoint import CheckpointError
+from awd_nonnormal.data import DataError
+from awd_nonnormal.init import InitSpecError, available, load_plugin
+from awd_nonnormal.lm import OPTIMIZERS, LMError, RunResult, TrainConfig, loss_units, run
+from awd_nonnormal.model import ModelConfig, check_init
+from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES
+from awd_nonnormal.utils import resolve_device, setup_logging
+
+# argparse dest -> (config, field); every dest not listed is an action, not a setting.
+_MODEL_FIELDS = {
+    "model": "rnn_type", "emsize": "emsize", "nhid": "nhid", "nlayers": "nlayers",
+    "dropout": "dropout", "dropouth": "dropouth", "dropouti": "dropouti", "dropoute": "dropoute",
+    "wdrop": "wdrop", "tied": "tied", "nonlinearity": "nonlinearity", "init": "init",
+    "init_alpha": "init_params", "init_beta": "init_params", "init_scale": "init_params",
+    "init_eps": "init_params", "init_zero_bias": "init_zero_bias",
+}
+_TRAIN_FIELDS = {
+    "data": "data", "batch_size": "batch_size", "eval_batch_size": "eval_batch_size",
+    "test_batch_size": "test_batch_size", "bptt": "bptt", "lr": "lr", "clip": "clip",
+    "epochs": "epochs", "alpha": "alpha", "beta": "beta", "wdecay": "wdecay",
+    "optimizer": "optimizer", "when": "when", "nonmono": "nonmono", "seed": "seed",
+    "log_interval": "log_interval", "save": "save", "device": "device",
+    "init_plugins": "init_plugins", "no_progress": "progress", "overwrite": "overwrite",
+}
+
+
+class _GoneCuda(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--cuda is gone (in awd-lstm-lm it switched CUDA *off*): use --device cuda, "
+                     "--device cpu or --device auto (the default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train an AWD-LSTM-style language model (LSTM, GRU or vanilla RNN) with "
+                    "non-normal initializers (Orhan & Pitkow, ICLR 2020).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    m = ModelConfig()
+    g = p.add_argument_group("data and model (awd-lstm-lm flags)")
+    g.add_argument("--data", default=d.data, help="corpus folder with train.txt, valid.txt, test.txt")
+    g.add_argument("--model", default=m.rnn_type, choices=RNN_TYPES, help="recurrent layer type")
+    g.add_argument("--emsize", type=int, default=m.emsize, help="size of word embeddings")
+    g.add_argument("--nhid", type=int, default=m.nhid, help="hidden units per layer")
+    g.add_argument("--nlayers", type=int, default=m.nlayers, help="number of layers")
+    g.add_argument("--dropout", type=float, default=m.dropout, help="locked dropout on the output")
+    g.add_argument("--dropouth", type=float, default=m.dropouth, help="locked dropout between layers")
+    g.add_argument("--dropouti", type=float, default=m.dropouti, help="locked dropout on the input embedding")
+    g.add_argument("--dropoute", type=float, default=m.dropoute, help="embedding dropout (whole words)")
+    g.add_argument("--wdrop", type=float, default=m.wdrop, help="DropConnect on the hidden-to-hidden weights")
+    g.add_argument("--tied", action=argparse.BooleanOptionalAction, default=m.tied,
+                   help="tie the decoder to the embedding (the last layer then has emsize units)")
+    g.add_argument("--nonlinearity", default=m.nonlinearity, choices=NONLINEARITIES,
+                   help="activation of --model RNN")
+
+    g = p.add_argument_group("initialisation of the recurrent layers")
+    g.add_argument("--init", default=m.init, metavar="NAME|SPEC",
+                   help="initializer or per-gate spec, e.g. chain, mixed, orthogonal, "
+                        "'i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp'; plain is PyTorch's default "
+                        f"(known: {', '.join(available())})")
+    g.add_argument("--init-alpha", type=float, default=None, help="chain/fbchain feed-forward weight alpha (None: the initializer's own default)")
+    g.add_argument("--init-beta", type=float, default=None, help="fbchain feedback weight beta (None: its default, 0.04)")
+    g.add_argument("--init-scale", type=float, default=None,
+                   help="gain of every initializer that has one (alpha of the chains, lambda of identity/orthogonal)")
+    g.add_argument("--init-eps", type=float, default=None, help="ramp slope eps (None: its default, 0.01)")
+    g.add_argument("--init-plugin", dest="init_plugins", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import an initializer plug-in (module name or .py file) first; repeatable")
+    g.add_argument("--init-zero-bias", action="store_true", help="set the recurrent biases to 0")
+
+    g = p.add_argument_group("training (awd-lstm-lm flags)")
+    g.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: none)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="upper epoch limit")
+    g.add_argument("--batch_size", type=int, default=d.batch_size, metavar="N", help="batch size")
+    g.add_argument("--bptt", type=int, default=d.bptt, help="mean sequence length of truncated BPTT")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--nonmono", type=int, default=d.nonmono, help="non-monotone interval of the ASGD trigger")
+    g.add_argument("--log-interval", type=int, default=d.log_interval, metavar="N", help="batches between log lines")
+    g.add_argument("--save", default=None,
+                   help="best-model checkpoint path DIR/NAME.pt; NAME.latest.pt and NAME.metrics.jsonl go "
+                        "beside it. Not given (%(default)s): runs/<date-time>/model.pt, or beside the "
+                        "--resume file when resuming")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="activation regularisation (AR) weight")
+    g.add_argument("--beta", type=float, default=d.beta, help="temporal activation regularisation (TAR) weight")
+    g.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue the run whose latest state is PATH (NAME.latest.pt)")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="sgd (switches to ASGD) or adam")
+    g.add_argument("--when", nargs="+", type=int, default=list(d.when),
+                   help="epochs at whose end the learning rate is divided by 10")
+
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N")
+    g.add_argument("--cuda", nargs=0, action=_GoneCuda, help=argparse.SUPPRESS)
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
+                   help="batch size of validation")
+    g.add_argument("--test-batch-size", type=int, default=d.test_batch_size, metavar="N", help="batch size of the test")
+    g.add_argument("--overwrite", action="store_true", help="let a new run replace the files at --save")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def explicit_fields(argv: Optional[Sequence[str]]) -> FrozenSet[str]:
+    """The config fields set on the command line (parsed again with every default suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return frozenset({_MODEL_FIELDS.get(k) or _TRAIN_FIELDS.get(k) for k in given} - {None})
+
+
+def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig]:
+    init_params = {name: getattr(args, f"init_{name}") for name in ("alpha", "beta", "scale", "eps")
+                   if getattr(args, f"init_{name}") is not None}
+    model = ModelConfig(
+        rnn_type=args.model, emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
+        dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti, dropoute=args.dropoute,
+        wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity, init=args.init,
+        init_params=init_params, init_zero_bias=args.init_zero_bias)
+    train = TrainConfig(
+        data=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        test_batch_size=args.test_batch_size, bptt=args.bptt, lr=args.lr, clip=args.clip,
+        epochs=args.epochs, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
+        optimizer=args.optimizer, when=tuple(args.when), nonmono=args.nonmono, seed=args.seed,
+        log_interval=args.log_interval, save=args.save or _default_save(), device=args.device,
+        init_plugins=tuple(args.init_plugins), progress=not args.no_progress, overwrite=args.overwrite)
+    return model, train
+
+
+def _default_save() -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = Path("runs") / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = Path("runs") / f"{stamp}-{n}"
+    return str(folder / "model.pt")
+
+
+def print_summary(result: RunResult) -> None:
+    p = result.paths
+    if result.interrupted:
+        print(f"\nTraining stopped early at {result.stopped_at}; continue it with: "
+              f"python main.py --resume {p.latest}")
+    if result.test_loss is None:
+        print("\nNo epoch finished, so there is no model to test.")
+    else:
+        print(f"\nBest model: epoch {result.best_epoch} of {result.epochs_done} trained")
+        print(f"{'split':<6} {'loss (nats)':>12} {'perplexity':>12} {'bits/token':>11}")
+        for split, loss in (("valid", result.val_loss), ("test", result.test_loss)):
+            u = loss_units(loss)
+            print(f"{split:<6} {u['loss']:>12.4f} {u['ppl']:>12.2f} {u['bpt']:>11.4f}")
+    print(f"best model:   {p.best}" + ("" if p.best.exists() else " (not written)"))
+    print(f"latest state: {p.latest}" + ("" if p.latest.exists() else " (not written)"))
+    print(f"metrics:      {p.metrics}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_fields(argv)
+    setup_logging(args.verbose)
+
+    def fail(message: str) -> None:  # argparse-style, one line, no usage block
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    for plugin in args.init_plugins:  # before the spec is checked: it may name their initializers
+        try:
+            load_plugin(plugin)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is a bad argument
+            fail(f"--init-plugin {plugin}: {type(exc).__name__}: {exc}")
+    try:
+        resolve_device(args.device)
+        model_cfg, train_cfg = configs_from_args(args)
+        check_init(model_cfg)
+    except (InitSpecError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
+    except (DataError, CheckpointError, InitSpecError, LMError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: aborted", file=sys.stderr)
+        return 130
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
