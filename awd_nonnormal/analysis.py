@@ -34,18 +34,21 @@ class Henrici(NamedTuple):
     normalized: float   # d(W) / ||W||_F, in [0, 1]
 
 
-def henrici_index(w: Tensor) -> Henrici:
+def henrici_index(w: Tensor, eigvals: Optional[Tensor] = None) -> Henrici:
     """Henrici's departure from normality, ``d(W) = sqrt(max(0, ||W||_F^2 - sum_i |lambda_i|^2))``
     (Henrici 1962; paper section 3.2), raw and divided by ``||W||_F``.
 
     Zero exactly when W is normal (identity, orthogonal, symmetric); ``sqrt(N-1) * alpha`` for
-    ``chain(alpha)``, whose eigenvalues are all zero.
+    ``chain(alpha)``, whose eigenvalues are all zero. Pass ``eigvals`` when they are already known
+    (they cost O(N^3); :func:`spectral_radius` can reuse them too).
     """
     w = _f64(w)
     if w.dim() != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(f"henrici_index needs a square matrix, got shape {tuple(w.shape)}")
     fro2 = float((w * w).sum())
-    eig2 = float(torch.linalg.eigvals(w).abs().pow(2).sum())
+    if eigvals is None:
+        eigvals = torch.linalg.eigvals(w)
+    eig2 = float(eigvals.abs().pow(2).sum())
     raw = math.sqrt(max(0.0, fro2 - eig2))
     # eigenvalues carry round-off of order eps * ||W||; don't report that as non-normality
     if raw <= 1e-6 * math.sqrt(fro2):
@@ -53,9 +56,11 @@ def henrici_index(w: Tensor) -> Henrici:
     return Henrici(raw, raw / math.sqrt(fro2) if fro2 > 0 else 0.0)
 
 
-def spectral_radius(w: Tensor) -> float:
-    """Largest eigenvalue modulus of a square matrix."""
-    return float(torch.linalg.eigvals(_f64(w)).abs().max())
+def spectral_radius(w: Tensor, eigvals: Optional[Tensor] = None) -> float:
+    """Largest eigenvalue modulus of a square matrix (``eigvals``: the eigenvalues, if known)."""
+    if eigvals is None:
+        eigvals = torch.linalg.eigvals(_f64(w))
+    return float(eigvals.abs().max())
 
 
 # --------------------------------------------------------------------------------------------

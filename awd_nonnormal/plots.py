@@ -87,3 +87,124 @@ def decoding_figure(rows, path: PathLike) -> Path:
     ax.set(ylabel="R^2 of s_1 from h_100", ylim=(0, 1.05), title="Linear decoding of a past input")
     ax.legend(fontsize=8, ncol=2)
     return save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Post-hoc analysis of checkpoints (paper Figures 5-6; analyze.py)
+# --------------------------------------------------------------------------------------------
+
+def weight_profile_figure(panels, path: PathLike, *, title: str = "", max_offset=20) -> Path:
+    """Figures 5-6: mean recurrent weight against the order difference ``i - j`` of units ordered
+    by their peak time, one panel per gate. ``panels`` maps a panel title (the gate) to a list of
+    curves ``(label, offsets, mean, sem)``; each is drawn as a line with a shaded +- s.e.m. band
+    (no band where the s.e.m. is undefined, n = 1). ``max_offset`` limits the x axis to
+    ``[-max_offset, max_offset]``; None shows every offset."""
+    import numpy as np
+    plt = pyplot()
+    names = list(panels)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
+    styles = [dict(color="tab:blue"), dict(color="tab:gray", linestyle="--")]
+    for ax, name in zip(axes[0], names):
+        for k, (label, offsets, mean, sem) in enumerate(panels[name]):
+            x = np.asarray(offsets, dtype=float)
+            m = np.asarray([np.nan if v is None else v for v in mean], dtype=float)
+            s = np.asarray([np.nan if v is None else v for v in sem], dtype=float)
+            if max_offset is not None:
+                keep = np.abs(x) <= max_offset
+                x, m, s = x[keep], m[keep], s[keep]
+            style = styles[k % len(styles)]
+            ax.plot(x, m, label=label, lw=1.3, **style)
+            band = np.isfinite(s)
+            if band.any():
+                ax.fill_between(x, np.where(band, m - s, np.nan), np.where(band, m + s, np.nan),
+                                color=style["color"], alpha=0.25, lw=0)
+        ax.axhline(0.0, color="k", lw=0.5)
+        ax.axvline(0.0, color="k", lw=0.5, linestyle=":")
+        ax.set(title=f"gate {name}", xlabel="order difference i - j")
+        if max_offset is not None:
+            ax.set_xlim(-max_offset, max_offset)
+    axes[0][0].set_ylabel("mean weight W[i, j]")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def weight_heatmap_figure(rows, path: PathLike, *, title: str = "", order: str = "peak") -> Path:
+    """The recurrent weight matrix of each gate as a heat map (rows: receiving unit i, columns:
+    sending unit j), the units already permuted by the caller. ``rows`` maps a row label
+    (``trained``, ``initial``) to ``{gate: (N, N) array}``. The colour scale is symmetric about 0
+    and clipped at the 99th percentile of ``|W|`` of each panel, so a few large weights do not wash
+    out the rest."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+    plt = pyplot()
+    labels = list(rows)
+    gates = list(dict.fromkeys(g for r in rows.values() for g in r))
+    shape = (len(labels), len(gates)) if len(gates) > 1 else (1, len(labels))  # one gate: side by side
+    fig, axes = plt.subplots(*shape, figsize=(3.2 * shape[1], 3.0 * shape[0]), squeeze=False)
+    for r, label in enumerate(labels):
+        for c, gate in enumerate(gates):
+            ax = axes[r][c] if len(gates) > 1 else axes[0][r]
+            if gate not in rows[label]:
+                ax.axis("off")
+                continue
+            w = np.asarray(rows[label][gate], dtype=float)
+            finite = np.abs(w[np.isfinite(w)])
+            vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+            im = ax.imshow(w, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, interpolation="nearest")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{label}: gate {gate}", fontsize=9)
+            ax.set_xlabel(f"from unit j ({order} order)", fontsize=8)
+            ax.set_ylabel(f"to unit i ({order} order)", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic-task sweeps (paper Figure 3)
+# --------------------------------------------------------------------------------------------
+
+def task_loss_curves(curves, baseline: float, path: PathLike, *, title: str = "") -> Path:
+    """Figure 3a-c: validation loss per epoch of each model's best config, mean +- s.e.m. over
+    seeds (shaded), with the random baseline dashed. ``curves`` maps a model name to
+    ``{"epoch": [...], "mean": [...], "sem": [...]}``."""
+    import numpy as np
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, c in curves.items():
+        epoch = np.asarray(c["epoch"], dtype=float)
+        mean = np.asarray(c["mean"], dtype=float)
+        sem = np.asarray(c["sem"], dtype=float)
+        color = _MODEL_COLORS.get(name)
+        ax.plot(epoch, mean, label=name, color=color)
+        ax.fill_between(epoch, mean - sem, mean + sem, color=color, alpha=0.25, linewidth=0)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="random baseline")
+    ax.set(xlabel="epoch", ylabel="validation loss", yscale="log",
+           title=f"{title}: best configuration per model" if title else "best configuration per model")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def task_success_counts(counts, path: PathLike, *, title: str = "") -> Path:
+    """Figure 3d-f: number of successful runs (final validation loss below half of the random
+    baseline) of each model, out of its runs. ``counts`` maps a model name to
+    ``(successes, runs)``."""
+    plt = pyplot()
+    names = list(counts)
+    fig, ax = plt.subplots(figsize=(1.2 * max(len(names), 3) + 1.5, 3.8))
+    succ = [counts[n][0] for n in names]
+    bars = ax.bar(range(len(names)), succ, color=[_MODEL_COLORS.get(n, "tab:gray") for n in names])
+    for bar, n in zip(bars, names):
+        ax.annotate(f"{counts[n][0]}/{counts[n][1]}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set(ylabel="successful runs", ylim=(0, max(max(succ, default=0), 1) * 1.2),
+           title=f"{title}: runs below 50 % of the baseline" if title else "runs below 50 % of the baseline")
+    return save(fig, path)
