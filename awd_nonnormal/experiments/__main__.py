@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from .. import plots
 from . import DecodingConfig, MemoryConfig, linear_decoding, memory_curves
 
@@ -74,7 +76,12 @@ def main(argv=None) -> int:
     c.add_argument("--out", default="figures/linear_decoding.png", help="PNG path (default %(default)s)")
     c.set_defaults(run=_decoding)
 
+    for sp in (m, c):
+        sp.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default %(default)s: these small matmuls run fastest on one)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     for name in ("n", "steps", "trials", "heldout_trials", "k_max"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
