@@ -1,0 +1,267 @@
+"""Command line of the synthetic tasks: ``python -m awd_nonnormal.tasks [train|sweep] ...``.
+
+``train`` (the default when no subcommand is named) trains one model, like the paper's script::
+
+    python -m awd_nonnormal.tasks --task copy --init chain --init-scale 1.02 --lr 5e-5 --seed 3
+
+``sweep`` runs the grid of Figure 3 (or a smaller one) in parallel and summarises it::
+
+    python -m awd_nonnormal.tasks sweep --task copy --models chain,fbchain,identity,orthogonal \\
+        --out runs/copy-sweep --workers 2
+
+Errors in the arguments print one line and exit with status 2; Ctrl-C saves the running
+checkpoints and exits with status 130 (run the same command again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..init import InitSpecError
+from ..utils import DEVICES, setup_logging
+from . import data as D
+from . import sweep as S
+from . import train as T
+
+SUBCOMMANDS = ("train", "sweep")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# TaskConfig fields set by the shared task options (argparse dest -> config field).
+_TASK_FIELDS = ("task", "T", "hidden", "nonlinearity", "n_train", "n_val", "epochs", "batch_size",
+                "clip", "clip_mode", "stop_loss", "copy_layout", "perm_seed", "mnist_val")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and sweep. Every default is None (= the task's default), so that
+    what the user typed can be told from what was left out."""
+    g = p.add_argument_group("task (defaults: the paper's settings for the task)")
+    g.add_argument("--task", help=f"one of {', '.join(sorted(T.TASKS))} (default: copy)")
+    g.add_argument("--T", type=int, help="sequence length: copy total length in the paper layout, "
+                   "delay in the arjovsky layout (default 500); addition (default 750); psMNIST is "
+                   "always 784")
+    g.add_argument("--copy-layout", choices=D.COPY_LAYOUTS,
+                   help="copy: 'paper' (T steps in total, baseline 10 ln 8 / T) or 'arjovsky' "
+                   "(T + 20 steps, baseline 10 ln 8 / (T + 20)) (default: paper)")
+    g.add_argument("--hidden", type=int, help="recurrent units N (default 100; psMNIST 25)")
+    g.add_argument("--nonlinearity", help="elu, relu, tanh or linear (default elu; addition relu)")
+    g.add_argument("--n-train", type=int, help="training sequences/images (default 60000)")
+    g.add_argument("--n-val", type=int, help="validation sequences/images (default 10000)")
+    g.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
+    g.add_argument("--batch-size", type=int, help="batch size (default 16)")
+    g.add_argument("--clip", type=float, help="gradient-norm clip (default 10)")
+    g.add_argument("--clip-mode", choices=T.CLIP_MODES,
+                   help="'tensor': clip each gradient tensor (Keras clipnorm, default); 'global': "
+                   "the norm of all gradients together; 'none'")
+    g.add_argument("--stop-loss", type=float, help="stop early below this validation loss "
+                   "(default 0.0025; 0: never)")
+    g.add_argument("--perm-seed", help="psMNIST pixel permutation: an integer seed of "
+                   f"numpy RandomState (default {D.DEFAULT_PERM_SEED}, as expRNN/scoRNN), or "
+                   "'run' to use the run seed (as the paper's code did)")
+    g.add_argument("--mnist-val", choices=T.MNIST_VALIDATION,
+                   help="psMNIST validation set: 'test' = the t10k split (the paper's Keras code, "
+                   "default) or 'holdout' = the last --n-val training images")
+    g.add_argument("--init-plugin", action="append", dest="init_plugins", metavar="MODULE|FILE.py",
+                   help="import a module or file that registers initializers (repeatable)")
+
+    r = p.add_argument_group("running")
+    r.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    r.add_argument("--mnist-dir", default="data/mnist",
+                   help="folder of the MNIST IDX files, .gz or raw (default: data/mnist)")
+    r.add_argument("--eval-batch-size", type=int, default=500,
+                   help="batch size of the validation pass (default 500; no effect on results)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (default 1: these small matrices gain "
+                   "nothing from more; 0 = torch's default)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m awd_nonnormal.tasks",
+                     description="Synthetic long-memory tasks of Orhan & Pitkow (ICLR 2020): "
+                     "copy, addition, psMNIST. Without a subcommand, 'train' is assumed.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sweep}")
+
+    tr = sub.add_parser("train", help="train one model (default)", description="Train one "
+                        "model on one task. A run folder that holds the same config is finished "
+                        "(nothing is redone) or continued from its checkpoint.")
+    tr.add_argument("--init", help="init spec, e.g. chain, fbchain, identity, orthogonal, plain, "
+                    "'chain:alpha=1.02' (default: chain)")
+    tr.add_argument("--init-scale", type=float, help="the initializer's gain: alpha of "
+                    "chain/fbchain, lambda of identity/orthogonal")
+    tr.add_argument("--init-alpha", type=float, help="chain/fbchain feed-forward weight")
+    tr.add_argument("--init-beta", type=float, help="fbchain feedback weight")
+    tr.add_argument("--init-eps", type=float, help="ramp slope")
+    tr.add_argument("--lr", type=float, help="RMSprop learning rate (default 1e-4)")
+    tr.add_argument("--seed", type=int, help="run seed: weights, data and shuffling (default 1)")
+    tr.add_argument("--out", help="run folder (default: runs/tasks/<task>-<init>-lr<lr>-seed<seed>-<hash>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run saved in --out with "
+                    "its stored config (flags given now must agree with it)")
+    _add_task_options(tr)
+
+    sw = sub.add_parser("sweep", help="run a grid of runs in parallel (Figure 3)",
+                        description="Run a hyper-parameter grid (the paper's by default: "
+                        "11 learning rates x 6 seeds x 7 or 9 values per model) in parallel worker "
+                        "processes. Finished runs are skipped and interrupted ones resumed, so "
+                        "running the same command again continues an interrupted sweep.",
+                        epilog=S.GRID_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("--models", help="comma-separated models (initializer names or presets; "
+                    "default: chain,fbchain,identity,orthogonal, or those of --grid)")
+    sw.add_argument("--lr", help="learning rates, a LIST (default: the paper's 11)")
+    sw.add_argument("--seeds", help="seeds, a LIST (default 1:6)")
+    sw.add_argument("--values", "--scale", action="append", metavar="MODEL[.PARAM]=LIST",
+                    help="values of a model's swept parameter (chain: alpha, fbchain: beta, "
+                    "identity/orthogonal: scale); repeatable")
+    sw.add_argument("--grid", metavar="FILE.json", help="a JSON grid (see below); flags override it")
+    sw.add_argument("--out", help="sweep folder (default: runs/sweep-<task>)")
+    sw.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    sw.add_argument("--rank-by", choices=S.RANK_BY, default="final",
+                    help="best config by the seeds' mean final (default) or minimum validation loss")
+    sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")
+    sw.add_argument("--summarize", action="store_true", help="only summarise the finished runs")
+    _add_task_options(sw)
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> List[str]:
+    """Insert the default subcommand: ``--task copy ...`` means ``train --task copy ...``."""
+    argv = list(argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        return ["train", *argv]
+    return argv
+
+
+def _task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The task settings the user gave (None = not given)."""
+    kw = {f: getattr(args, f) for f in _TASK_FIELDS if getattr(args, f) is not None}
+    if args.init_plugins:
+        kw["init_plugins"] = tuple(args.init_plugins)
+    return kw
+
+
+def _options(args: argparse.Namespace, progress: bool) -> T.RunOptions:
+    if args.eval_batch_size < 1:
+        raise T.TaskError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    return T.RunOptions(device=args.device, progress=progress, mnist_dir=args.mnist_dir,
+                        eval_batch_size=args.eval_batch_size)
+
+
+def _set_threads(n: int) -> None:
+    if n < 0:
+        raise T.TaskError(f"--threads must be >= 0, got {n}")
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _train_config(args: argparse.Namespace) -> tuple:
+    kw = _task_kwargs(args)
+    for name in ("init", "lr", "seed", "init_scale", "init_alpha", "init_beta", "init_eps"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.resume:
+        if not args.out:
+            raise T.TaskError("--resume needs --out, the folder of the run to continue")
+        stored = T.stored_config(args.out)
+        if stored is None:
+            raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
+        config = T.make_config(**{k: v for k, v in stored.items()})
+        mismatch = [f"--{k.replace('_', '-')} {v!r} (run has {stored.get(k)!r})"
+                    for k, v in kw.items() if k in stored and
+                    json.loads(json.dumps(v)) != stored.get(k) and
+                    not (k == "perm_seed" and str(v) == str(stored.get(k)))]
+        if mismatch:
+            raise T.TaskError("--resume continues the saved run with its own config; these flags "
+                              "disagree with it: " + ", ".join(mismatch))
+        return config, Path(args.out)
+    config = T.make_config(**kw)
+    out = Path(args.out) if args.out else Path("runs") / "tasks" / T.run_name(config)
+    return config, out
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.5f}"
+
+
+def _print_run_summary(outcome: "T.RunOutcome") -> None:
+    r = outcome.result
+    epochs = r.get("epochs_run", 0)
+    per_epoch = r["time"] / epochs if epochs else float("nan")
+    head = "already finished" if outcome.skipped else r["status"]
+    print(f"{outcome.run_dir.name}: {head} after {epochs} epoch(s), {per_epoch:.1f} s/epoch")
+    final = r.get("final_val_loss")
+    ratio = f", {100 * final / r['baseline']:.1f} % of it" if final is not None else ""
+    print(f"  final validation loss {_fmt(final)} (random baseline {r['baseline']:.5f}{ratio}); "
+          f"success (< {T.SUCCESS_FRACTION * r['baseline']:.5f}): {'yes' if r['success'] else 'no'}")
+    if r.get("val_acc") is not None:
+        print(f"  validation accuracy {100 * r['val_acc']:.2f} %")
+    if r.get("message"):
+        print(f"  {r['message']}")
+    print(f"  run folder: {outcome.run_dir}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config, out = _train_config(args)
+    _set_threads(args.threads)
+    outcome = T.train(config, out, _options(args, progress=not args.no_progress))
+    _print_run_summary(outcome)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    grid = S.grid_from_args(task=args.task, models=args.models, lrs=args.lr, seeds=args.seeds,
+                            values=args.values, grid_file=args.grid,
+                            plugins=tuple(args.init_plugins or ()))
+    base = _task_kwargs(args)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{base.get('task', 'copy')}"
+    if args.workers < 1:
+        raise T.TaskError(f"--workers must be a positive integer, got {args.workers}")
+    plan = S.plan_sweep(grid, base, out)
+    if args.dry_run:
+        print(S.format_plan(plan))
+        return 0
+    options = _options(args, progress=False)
+    if not args.summarize:
+        _set_threads(args.threads)
+        S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
+                    progress=not args.no_progress)
+    summary = S.summarize(plan, rank_by=args.rank_by)
+    print(S.format_summary(summary))
+    for path in S.write_summary(summary, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    setup_logging(args.verbose)
+    try:
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        return _cmd_train(args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; checkpoints are saved; run the same command again "
+              "to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (T.TaskError, InitSpecError, D.IDXError, CheckpointError, S.GridError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

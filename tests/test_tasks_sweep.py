@@ -1,0 +1,252 @@
+"""Sweeps: grid syntax and checks, interrupted and resumed sweeps, the summary; the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from awd_nonnormal.tasks import __main__ as cli
+from awd_nonnormal.tasks import sweep as S
+from awd_nonnormal.tasks import train as T
+
+TINY = dict(task="copy", T=25, n_train=32, n_val=16, epochs=2)
+TINY_FLAGS = ["--task", "copy", "--T", "25", "--n-train", "32", "--n-val", "16", "--epochs", "2",
+              "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# grids
+
+
+def test_paper_grid_sizes(tmp_path):
+    grid = S.grid_from_args()
+    assert grid.lrs == (8e-4, 5e-4, 3e-4, 1e-4, 8e-5, 5e-5, 3e-5, 1e-5, 8e-6, 5e-6, 3e-6)
+    assert grid.seeds == (1, 2, 3, 4, 5, 6)
+    sizes = {m.name: grid.size(m) for m in grid.models}
+    assert sizes == {"chain": 462, "fbchain": 462, "identity": 594, "orthogonal": 594}
+    models = {m.name: m for m in grid.models}
+    assert models["chain"].param == "alpha" and models["chain"].values == (0.99, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05)
+    assert models["fbchain"].param == "beta" and dict(models["fbchain"].fixed) == {"alpha": 0.99}
+    assert models["identity"].values == (0.01, 0.96, 0.99, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05)
+    plan = S.plan_sweep(S.grid_from_args(models="fbchain", lrs="1e-4", seeds="3"), {"task": "copy"}, tmp_path)
+    r = plan.runs[2]
+    assert (r.config.init, r.config.init_alpha, r.config.init_beta, r.config.lr, r.config.seed) == \
+        ("fbchain", 0.99, 0.03, 1e-4, 3)
+    assert r.run_dir == tmp_path / "fbchain" / "beta0.03-lr0.0001-seed3"
+
+
+def test_list_syntax():
+    assert S.parse_list("0.99:1.05:0.01", "x") == (0.99, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05)
+    assert S.parse_list("1:6", "s", integer=True) == (1, 2, 3, 4, 5, 6)
+    assert S.parse_list("1e-3, 5e-4", "lr") == (1e-3, 5e-4)
+    for text, match in [("abc", "not a number"), ("1:0", "backwards"), ("1,1", "given twice"),
+                        ("1:2:0", "step must be > 0"), ("1::2", "bad range"), ("", "empty"),
+                        ("nan", "not a finite")]:
+        with pytest.raises(S.GridError, match=match):
+            S.parse_list(text, "x")
+    with pytest.raises(S.GridError, match="not an integer"):
+        S.parse_list("1.5", "seeds", integer=True)
+
+
+def test_grid_flags_and_file(tmp_path):
+    g = S.grid_from_args(models="chain,identity,plain", lrs="1e-3", seeds="1,2",
+                         values=["chain=1.0,1.02", "identity=0.5"])
+    m = {x.name: x for x in g.models}
+    assert m["chain"].values == (1.0, 1.02) and m["identity"].values == (0.5,)
+    assert m["plain"].param is None and g.size(m["plain"]) == 2
+    f = tmp_path / "grid.json"
+    f.write_text(json.dumps({"lr": [1e-4], "seeds": [4],
+                             "models": {"mine": {"init": "chain,input=normal", "scale": [1.0, 1.1]},
+                                        "fbchain": {"beta": "0.02:0.03:0.01", "alpha": 1.0}}}))
+    g = S.grid_from_args(grid_file=str(f), seeds="5")
+    m = {x.name: x for x in g.models}
+    assert g.seeds == (5,) and g.lrs == (1e-4,)
+    assert m["mine"].init == "chain,input=normal" and m["mine"].values == (1.0, 1.1)
+    assert m["fbchain"].values == (0.02, 0.03) and dict(m["fbchain"].fixed) == {"alpha": 1.0}
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(models="chian"), "unknown initializer 'chian'"),
+    (dict(lrs="-1e-3"), "learning rates must be > 0"),
+    (dict(lrs="1e-3,x"), r"--lr: 'x' is not a number"),
+    (dict(seeds="1,-2"), "seeds must be >= 0"),
+    (dict(values=["chain=1,abc"]), "'abc' is not a number"),
+    (dict(models="chain", values=["identity=1.0"]), "model 'identity' is not in the sweep"),
+    (dict(models="identity", values=["identity.beta=0.1"]), "not accepted"),
+    (dict(values=["chain:1.0"]), "MODEL"),
+    (dict(models="chain,chain"), "named twice"),
+    (dict(task="cpy"), "unknown task"),
+])
+def test_grid_errors(kw, match):
+    with pytest.raises((S.GridError, T.TaskError), match=match):
+        S.grid_from_args(**kw)
+
+
+def test_grid_file_errors(tmp_path):
+    f = tmp_path / "g.json"
+    f.write_text("{")
+    with pytest.raises(S.GridError, match="not valid JSON"):
+        S.grid_from_args(grid_file=str(f))
+    f.write_text(json.dumps({"lrs": [1]}))
+    with pytest.raises(S.GridError, match="unknown key.*lrs"):
+        S.grid_from_args(grid_file=str(f))
+    f.write_text(json.dumps({"models": {"chain": {"alpha": [1.0], "beta": [0.1]}}}))
+    with pytest.raises(S.GridError, match="one parameter per model"):
+        S.grid_from_args(grid_file=str(f))
+    with pytest.raises(S.GridError, match="cannot read"):
+        S.grid_from_args(grid_file=str(tmp_path / "missing.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# running, interrupting, resuming
+
+
+def test_sweep_interrupted_then_resumed(tmp_path):
+    grid = S.grid_from_args(models="chain,orthogonal", lrs="1e-3", seeds="1,2",
+                            values=["chain=1.0", "orthogonal=1.0"])
+    plan = S.plan_sweep(grid, TINY, tmp_path)
+    assert len(plan.runs) == 4
+    done = []
+
+    def stop_after_two(run_dir, result, error):
+        assert error is None
+        done.append(run_dir)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(plan, workers=1, progress=False, on_run_done=stop_after_two)
+    finished = [r for r in plan.runs if T.is_finished(r.run_dir)]
+    assert len(finished) == 2
+    mtimes = {r.run_dir: (r.run_dir / T.RESULT_FILE).stat().st_mtime_ns for r in finished}
+
+    ran = []
+    stats = S.run_sweep(plan, workers=1, progress=False, on_run_done=lambda d, r, e: ran.append(d))
+    assert stats["skipped"] == 2 and stats["ran"] == 2 and not stats["errors"]
+    assert sorted(ran) == sorted(str(r.run_dir) for r in plan.runs if r.run_dir not in mtimes)
+    for d, t in mtimes.items():
+        assert (d / T.RESULT_FILE).stat().st_mtime_ns == t  # not redone
+    # the table counts successes as the result files say
+    summary = S.summarize(plan)
+    for name, m in summary["models"].items():
+        results = [T.read_result(r.run_dir) for r in plan.runs if r.model == name]
+        assert m["runs"] == m["finished"] == 2
+        assert m["successes"] == sum(r["success"] for r in results)
+        finals = [r["final_val_loss"] for r in results]
+        assert m["best"]["final_val_loss_mean"] == pytest.approx(sum(finals) / 2)
+    # a second sweep into the same folder with other task settings is refused
+    with pytest.raises(T.RunConflict, match="T: 25 vs 26"):
+        S.plan_sweep(grid, dict(TINY, T=26), tmp_path)
+
+
+def _fake_run(run_dir, final, status="completed", success=None, curve=None, baseline=1.0):
+    run_dir.mkdir(parents=True)
+    curve = curve if curve is not None else [final]
+    (run_dir / T.METRICS_FILE).write_text("".join(
+        json.dumps({"epoch": i + 1, "val_loss": v}) + "\n" for i, v in enumerate(curve)))
+    result = {"status": status, "final_val_loss": final, "min_val_loss": min(curve) if curve else None,
+              "baseline": baseline,
+              "success": (final is not None and final < 0.5 * baseline) if success is None else success,
+              "epochs_run": len(curve)}
+    (run_dir / T.RESULT_FILE).write_text(json.dumps(result))
+
+
+def test_summary_counts_best_config_and_curves(tmp_path):
+    grid = S.grid_from_args(models="chain", lrs="1e-3,1e-4", seeds="1,2", values=["chain=1.0,1.02"])
+    plan = S.plan_sweep(grid, TINY, tmp_path)
+    base = plan.baseline
+    d = {(r.value, r.lr, r.seed): r.run_dir for r in plan.runs}
+    _fake_run(d[1.0, 1e-3, 1], 0.1 * base, baseline=base, curve=[0.5 * base, 0.1 * base])
+    _fake_run(d[1.0, 1e-3, 2], 0.3 * base, baseline=base, curve=[0.9 * base, 0.6 * base, 0.3 * base])
+    _fake_run(d[1.02, 1e-3, 1], 0.01 * base, baseline=base)           # best single run...
+    _fake_run(d[1.02, 1e-3, 2], None, status="diverged", curve=[])     # ...but its config diverged
+    _fake_run(d[1.0, 1e-4, 1], 0.9 * base, baseline=base)
+    _fake_run(d[1.0, 1e-4, 2], 0.001, status="converged", baseline=base, curve=[0.2, 0.001])
+    # (1.02, 1e-4) not run at all
+    s = S.summarize(plan)
+    m = s["models"]["chain"]
+    assert (m["runs"], m["finished"], m["successes"], m["diverged"]) == (8, 6, 4, 1)
+    best = m["best"]
+    assert (best["value"], best["lr"]) == (1.0, 1e-3)
+    assert best["final_val_loss_mean"] == pytest.approx(0.2 * base)
+    assert best["final_val_loss_sem"] == pytest.approx(0.1 * base)  # std(ddof=1)/sqrt(2)
+    c = m["best_curve"]
+    assert c["epoch"] == [1, 2, 3] and c["count"] == [2, 2, 1]
+    assert c["mean"][0] == pytest.approx(0.7 * base) and c["mean"][2] == pytest.approx(0.3 * base)
+    # a run that stopped by converging keeps its last value in the curve
+    plan_min = S.summarize(plan, rank_by="min")
+    assert plan_min["models"]["chain"]["best"]["lr"] in (1e-3, 1e-4)
+    paths = S.write_summary(s, tmp_path)
+    assert {p.name for p in paths} == {"summary.csv", "summary.json", "best_curves.png", "success_counts.png"}
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("model,param,value,lr")
+    table = S.format_summary(s)
+    assert "4/8" in table and "alpha=1 lr=0.001" in table
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["--task", "copy", "--T", "25", "--n-train", "32", "--n-val", "16", "--epochs", "1",
+                   "--init", "chain", "--init-scale", "1.02", "--lr", "5e-5", "--seed", "3",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "final validation loss" in text and "random baseline 0.83178" in text
+    assert json.loads((out / T.CONFIG_FILE).read_text())["config"]["init_scale"] == 1.02
+    assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert cli.main(["train", "--resume", "--out", str(out), "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.001 (run has 5e-05)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--task", "cpy"], "unknown task 'cpy'; valid tasks: addition, copy, psmnist"),
+    (["--task", "copy", "--init", "chian"], "unknown initializer 'chian'"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--task", "psmnist", "--perm-seed", "x"], "perm-seed"),
+    (["sweep", "--lr", "1e-3,x"], "--lr: 'x' is not a number"),
+    (["sweep", "--models", "chain", "--values", "chain=1,abc"], "'abc' is not a number"),
+    (["sweep", "--seeds", "1:0"], "runs backwards"),
+    (["sweep", "--task", "nope"], "unknown task"),
+    (["--task", "psmnist", "--mnist-dir", "/nonexistent", "--epochs", "1"], "getdata.sh mnist"),
+])
+def test_cli_errors_are_one_line(argv, match, capsys, tmp_path):
+    if argv[0] != "sweep":
+        argv = argv + ["--out", str(tmp_path / "x")]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors (a value of the wrong type)
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_sweep_with_worker_processes(tmp_path, capsys):
+    argv = ["sweep", "--models", "chain", "--lr", "1e-3", "--seeds", "1,2", "--values", "chain=1.0",
+            "--workers", "2", "--out", str(tmp_path), *TINY_FLAGS]
+    assert cli.main(argv + ["--dry-run"]) == 0
+    plan_text = capsys.readouterr().out
+    assert "2 runs (0 finished)" in plan_text and "alpha in 1" in plan_text
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "chain" in text and "best config" in text and "summary.csv" in text
+    for seed in (1, 2):
+        assert T.is_finished(tmp_path / "chain" / f"alpha1-lr0.001-seed{seed}")
+    assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["T"] == 25
+    assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())
+                         ["models"]["chain"]["best"]["final_val_loss_mean"])

@@ -1,0 +1,206 @@
+"""The task trainer: learning, exact resume, run folders, checkpoints, divergence, configs."""
+
+import gzip
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from awd_nonnormal import init as I
+from awd_nonnormal.checkpoint import load_checkpoint
+from awd_nonnormal.tasks import data as D
+from awd_nonnormal.tasks import train as T
+
+OPTS = T.RunOptions(progress=False, eval_batch_size=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw):
+    base = dict(task="copy", T=25, n_train=48, n_val=32, epochs=3, lr=1e-3, init="chain", seed=2)
+    base.update(kw)
+    return T.make_config(**base)
+
+
+def test_chain_learns_a_short_copy_task(tmp_path):
+    # T = 30 (baseline 10 ln 8 / 30 = 0.693); chain(1.0) gets below half of it in 384 steps
+    # (seeds 1-5 all reached 0.05-0.16 with these settings).
+    config = T.make_config(task="copy", T=30, n_train=1024, n_val=256, epochs=6, lr=1e-3,
+                           init="chain", seed=1)
+    out = T.train(config, tmp_path / "run", OPTS)
+    r = out.result
+    assert r["baseline"] == pytest.approx(10 * math.log(8) / 30)
+    assert r["final_val_loss"] < 0.5 * r["baseline"] and r["success"] is True
+    assert r["status"] == "completed" and r["epochs_run"] == 6
+
+
+def test_model_and_init(tmp_path):
+    c = tiny(init="chain", init_scale=1.02)
+    m = T.build_model(c)
+    assert isinstance(m.rnn, __import__("awd_nonnormal.rnn", fromlist=["RNN"]).RNN)
+    assert m.rnn.nonlinearity == "elu" and m.rnn.hidden_size == 100
+    w = m.rnn.weight_hh_l0.detach()
+    assert torch.equal(w, I.chain_(torch.empty(100, 100), alpha=1.02))
+    assert torch.equal(m.rnn.weight_ih_l0.detach(), 0.9 * torch.eye(100, 10))
+    assert (m.rnn.bias_ih_l0 == 0).all() and (m.rnn.bias_hh_l0 == 0).all()
+    assert m(torch.zeros(25, 2, 10)).shape == (25, 2, 9)  # copy reads out every step
+    a = T.build_model(T.make_config(task="addition", T=10, init="identity", init_scale=0.5))
+    assert a.rnn.nonlinearity == "relu" and a(torch.zeros(10, 2, 2)).shape == (2, 1)
+    p = T.build_model(T.make_config(task="psmnist", init="orthogonal"))
+    assert p.rnn.hidden_size == 25 and p.rnn.nonlinearity == "elu"
+    # same seed, same weights (orthogonal and normal input draw from the run's generator)
+    q = T.build_model(T.make_config(task="psmnist", init="orthogonal"))
+    assert all(torch.equal(x, y) for x, y in zip(p.state_dict().values(), q.state_dict().values()))
+
+
+def _state(run_dir):
+    ck = load_checkpoint(run_dir / T.CHECKPOINT_FILE, kind="task")
+    return ck
+
+
+@pytest.mark.parametrize("stop_at", [(0, 1), (1, 2)])  # mid-epoch; last batch of an epoch
+def test_resume_equals_uninterrupted(tmp_path, stop_at):
+    c = tiny(init="orthogonal", init_scale=1.0, lr=3e-3)
+    full = T.train(c, tmp_path / "full", OPTS)
+
+    def hook(epoch, batch, loss):
+        if (epoch, batch) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(c, tmp_path / "cut", OPTS, on_batch=hook)
+    ck = _state(tmp_path / "cut")
+    assert (ck["epoch"], ck["batch"]) == (stop_at[0], stop_at[1] + 1)
+    assert not (tmp_path / "cut" / T.RESULT_FILE).exists()
+    resumed = T.train(c, tmp_path / "cut", OPTS)
+    assert resumed.resumed_from == (stop_at[0], stop_at[1] + 1)
+    a, b = _state(tmp_path / "full"), _state(tmp_path / "cut")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7)
+    for x, y in zip(full.metrics, resumed.metrics):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+    assert full.result["final_val_loss"] == pytest.approx(resumed.result["final_val_loss"], rel=1e-6)
+
+
+def test_run_folder_checkpoint_and_finished_run(tmp_path):
+    c = tiny(epochs=2)
+    run = tmp_path / "run"
+    out = T.train(c, run, OPTS)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [T.CONFIG_FILE, T.METRICS_FILE, T.CHECKPOINT_FILE, T.RESULT_FILE])
+    cfg = json.loads((run / T.CONFIG_FILE).read_text())
+    assert cfg["config"] == c.to_dict() and cfg["derived"]["seq_len"] == 25
+    assert cfg["derived"]["baseline"] == pytest.approx(D.copy_baseline(25))
+    lines = [json.loads(l) for l in (run / T.METRICS_FILE).read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert {"train_loss", "val_loss", "time"} <= set(lines[0])
+    result = json.loads((run / T.RESULT_FILE).read_text())
+    assert set(result) >= {"final_val_loss", "baseline", "success", "epochs_run", "status"}
+    ck = load_checkpoint(run / T.CHECKPOINT_FILE, kind="task")
+    assert ck["arch"]["rnn_type"] == "RNN" and ck["arch"]["nonlinearity"] == "elu"
+    assert ck["arch"]["hidden_sizes"] == [100] and ck["arch"]["input_size"] == 10
+    assert ck["result"] == result and ck["epoch"] == 2 and ck["config"] == c.to_dict()
+    assert set(ck["initial_rnn"]) == {k for k in ck["model"] if k.startswith("rnn.")}
+    assert torch.equal(ck["initial_rnn"]["rnn.weight_hh_l0"], I.chain_(torch.empty(100, 100)))
+    layers = list(I.recurrent_layers(ck["model"]))
+    assert len(layers) == 1 and layers[0].cell == "RNN"
+    assert {"optimizer", "rng", "metrics", "best_val"} <= set(ck)
+    # a finished run is recognised, not redone
+    mtime = (run / T.RESULT_FILE).stat().st_mtime_ns
+    again = T.train(c, run, OPTS)
+    assert again.skipped and again.result == out.result
+    assert (run / T.RESULT_FILE).stat().st_mtime_ns == mtime
+    # another config in the same folder is refused
+    with pytest.raises(T.RunConflict, match="lr: 0.001 vs 0.002"):
+        T.train(tiny(epochs=2, lr=2e-3), run, OPTS)
+
+
+def test_early_stop_and_nan(tmp_path):
+    out = T.train(tiny(epochs=5, stop_loss=10.0), tmp_path / "stop", OPTS)
+    assert out.result["status"] == "converged" and out.result["epochs_run"] == 1
+    bad = T.train(tiny(lr=1e30, epochs=3), tmp_path / "nan", OPTS)
+    r = bad.result
+    assert r["status"] == "diverged" and r["success"] is False and r["final_val_loss"] is None
+    assert "training loss became" in r["message"]
+    assert json.loads((tmp_path / "nan" / T.RESULT_FILE).read_text())["status"] == "diverged"
+
+
+def test_addition_and_global_clip(tmp_path):
+    c = T.make_config(task="addition", T=20, n_train=32, n_val=16, epochs=1, init="identity",
+                      init_scale=1.0, clip_mode="global")
+    r = T.train(c, tmp_path / "add", OPTS).result
+    assert r["baseline"] == pytest.approx(1 / 6) and math.isfinite(r["final_val_loss"])
+
+
+def _write_mnist(folder, n_train=20, n_test=10):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        imgs = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labs = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">iiii", 2051, n, 28, 28) + imgs.numpy().tobytes())
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labs.numpy().tobytes())
+
+
+@pytest.mark.parametrize("perm_seed,mnist_val", [(None, "test"), ("run", "holdout")])
+def test_psmnist_run_saves_its_permutation(tmp_path, perm_seed, mnist_val):
+    _write_mnist(tmp_path / "mnist")
+    c = T.make_config(task="psmnist", n_train=8, n_val=4, epochs=1, init="chain", seed=7,
+                      perm_seed=perm_seed, mnist_val=mnist_val)
+    opts = T.RunOptions(progress=False, mnist_dir=str(tmp_path / "mnist"))
+    r = T.train(c, tmp_path / "ps", opts).result
+    assert r["baseline"] == pytest.approx(math.log(10)) and 0 <= r["val_acc"] <= 1
+    seed = 92916 if perm_seed is None else 7
+    perm = D.pixel_permutation(seed)
+    ck = load_checkpoint(tmp_path / "ps" / T.CHECKPOINT_FILE)
+    assert torch.equal(ck["permutation"], perm)
+    cfg = json.loads((tmp_path / "ps" / T.CONFIG_FILE).read_text())
+    assert cfg["derived"]["permutation"] == perm.tolist() and cfg["derived"]["perm_seed"] == seed
+    assert cfg["config"]["perm_seed"] == (92916 if perm_seed is None else "run")
+
+
+def test_psmnist_missing_data_is_a_clear_error(tmp_path):
+    c = T.make_config(task="psmnist", epochs=1)
+    with pytest.raises(D.IDXError, match="getdata.sh mnist"):
+        T.train(c, tmp_path / "ps", T.RunOptions(progress=False, mnist_dir=str(tmp_path)))
+
+
+def test_config_defaults_and_errors():
+    c = T.make_config(task="copy")
+    assert (c.T, c.hidden, c.nonlinearity, c.copy_layout, c.perm_seed) == (500, 100, "elu", "paper", None)
+    assert (c.batch_size, c.n_train, c.n_val, c.epochs, c.clip, c.clip_mode) == (16, 60000, 10000, 100, 10.0, "tensor")
+    assert (c.rho, c.opt_eps, c.stop_loss) == (0.9, 1e-7, 0.0025)
+    a = T.make_config(task="addition", perm_seed=5, copy_layout="arjovsky")
+    assert (a.T, a.nonlinearity, a.perm_seed, a.copy_layout) == (750, "relu", None, None)
+    p = T.make_config(task="psmnist")
+    assert (p.T, p.hidden, p.perm_seed, p.mnist_val) == (784, 25, 92916, "test")
+    assert T.get_task("copy").baseline(T.make_config(task="copy", copy_layout="arjovsky")) == \
+        pytest.approx(10 * math.log(8) / 520)
+    with pytest.raises(T.TaskError, match="unknown task 'cpy'; valid tasks: addition, copy, psmnist"):
+        T.make_config(task="cpy")
+    with pytest.raises(I.InitSpecError, match="unknown initializer 'chian'"):
+        T.make_config(init="chian")
+    with pytest.raises(I.InitSpecError, match="not accepted"):
+        T.make_config(init="identity", init_beta=0.1)
+    for kw, match in [(dict(lr=-1), "lr must be"), (dict(T=10), "T >= 21"),
+                      (dict(clip_mode="x"), "clip mode"), (dict(task="psmnist", perm_seed="x"), "perm-seed"),
+                      (dict(task="psmnist", T=100), "fixed length"), (dict(n_train=0), "n-train"),
+                      (dict(nonlinearity="sigmoid"), "nonlinearity")]:
+        with pytest.raises(T.TaskError, match=match):
+            T.make_config(**kw)
+
+
+def test_run_name_is_stable_and_distinct():
+    assert T.run_name(tiny()) == T.run_name(tiny())
+    assert T.run_name(tiny()) != T.run_name(tiny(T=26))
+    assert T.run_name(tiny(init="chain", init_scale=1.02), digest=False) == "copy-chain-scale1.02-lr0.001-seed2"
