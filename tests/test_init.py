@@ -318,3 +318,24 @@ def test_plugin_module_on_path_in_fresh_process(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[2.0, 2.0, 2.0]"
+
+
+def test_entry_point_plugins_load_on_first_unknown_name(monkeypatch, tmp_path):
+    """An installed package advertises its module under the `awd_nonnormal.initializers` group."""
+    (tmp_path / "ep_inits.py").write_text(textwrap.dedent("""
+        from awd_nonnormal.init import register, identity_
+        register("test_ep_half", input_init="normal")(lambda w: identity_(w, 0.5))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib.metadata as md
+
+    ep = md.EntryPoint(name="half", value="ep_inits", group=I.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [ep] if group == I.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(I, "_entry_points_loaded", False)
+    try:
+        m = nn.RNN(D, 3)
+        I.apply_init(m, "test_ep_half")
+        assert torch.equal(m.weight_hh_l0, 0.5 * torch.eye(3))
+    finally:
+        I._REGISTRY.pop("test_ep_half", None)
+        sys.modules.pop("ep_inits", None)
