@@ -21,6 +21,7 @@ import gzip
 import json
 import logging
 import os
+import random
 import shutil
 import struct
 import sys
@@ -417,7 +418,7 @@ def prepare_mnist(sources: Sequence[Path], dest: Path,
 TOY_FILES = ("train.txt", "valid.txt", "test.txt")
 
 
-def toy_lines(n_lines: int, rng: "random.Random", n_topics: int = 20, n_words: int = 200,
+def toy_lines(n_lines: int, rng: random.Random, n_topics: int = 20, n_words: int = 200,
               min_len: int = 10, max_len: int = 40) -> List[str]:
     """Lines of a toy language with a long-range dependency: a topic word, a run of filler words
     from a sparse bigram chain (each word has a few likely successors), then ``=`` and the topic
@@ -439,8 +440,6 @@ def toy_lines(n_lines: int, rng: "random.Random", n_topics: int = 20, n_words: i
 def prepare_toy(dest: Path, lines: int = 4000, seed: int = 0) -> List[str]:
     """Write ``train/valid/test.txt`` of :func:`toy_lines` (``lines`` training lines and a tenth of
     that for valid and test each) into ``dest``; deterministic in ``seed``."""
-    import random
-
     if lines < 10:
         raise PrepareError(f"toy: need at least 10 training lines, got {lines}")
     dest = Path(dest)

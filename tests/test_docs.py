@@ -1,7 +1,6 @@
 """The README is the user's manual: its two set-up commands are what CI and users run, and every
 flag of every command is documented in it."""
 
-import argparse
 import re
 import shlex
 import subprocess

@@ -29,14 +29,6 @@ PRESETS = ["chain", "fbchain", "identity", "orthogonal", "plain", "mixed"]
 CELLS = [("LSTM", "tanh"), ("GRU", "tanh"), ("RNN", "tanh"), ("RNN", "relu"), ("RNN", "elu")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_corpus(folder, seed=0, sizes=(600, 150, 150), vocab=20, pattern=None):
     """Random lines of `vocab` words (or a repeated `pattern`) as train/valid/test.txt."""
     rng = random.Random(seed)

@@ -15,15 +15,6 @@ V, E, H = 30, 8, 16
 T, B = 7, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up costs more than it saves, and 2 busy cores make it worse.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw):
     base = dict(rnn_type="LSTM", ntoken=V, emsize=E, nhid=H, nlayers=3)
     base.update(kw)

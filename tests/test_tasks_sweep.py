@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from awd_nonnormal.tasks import __main__ as cli
 from awd_nonnormal.tasks import sweep as S
@@ -13,14 +12,6 @@ from awd_nonnormal.tasks import train as T
 TINY = dict(task="copy", T=25, n_train=32, n_val=16, epochs=2)
 TINY_FLAGS = ["--task", "copy", "--T", "25", "--n-train", "32", "--n-val", "16", "--epochs", "2",
               "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------

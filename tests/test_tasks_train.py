@@ -16,14 +16,6 @@ from awd_nonnormal.tasks import train as T
 OPTS = T.RunOptions(progress=False, eval_batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     base = dict(task="copy", T=25, n_train=48, n_val=32, epochs=3, lr=1e-3, init="chain", seed=2)
     base.update(kw)

@@ -394,7 +394,6 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
     Raises :class:`~.train.RunConflict` if ``out`` holds a sweep of other task settings."""
     out = Path(out)
     base = dict(base)
-    plugins = tuple(base.get("init_plugins") or ())
     first = grid.models[0]
     probe = T.make_config(**base, init=first.init, lr=grid.lrs[0], seed=grid.seeds[0],
                           **{_PARAM_FIELDS[k]: v for k, v in first.points()[0].items()})
