@@ -196,3 +196,37 @@ def test_run_name_is_stable_and_distinct():
     assert T.run_name(tiny()) == T.run_name(tiny())
     assert T.run_name(tiny()) != T.run_name(tiny(T=26))
     assert T.run_name(tiny(init="chain", init_scale=1.02), digest=False) == "copy-chain-scale1.02-lr0.001-seed2"
+
+
+def test_extending_a_finished_run_equals_a_longer_run(tmp_path):
+    """`--resume --epochs M` reopens a finished run: 2 epochs, then extended to 3, give the
+    3-epoch run's numbers."""
+    long = T.train(tiny(epochs=3), tmp_path / "long", OPTS)
+    short = T.train(tiny(epochs=2), tmp_path / "short", OPTS)
+    assert short.result["epochs_run"] == 2
+    with pytest.raises(T.TaskError, match="more than that"):
+        T.extend_run(tmp_path / "short", 2)
+    config = T.extend_run(tmp_path / "short", 3)
+    assert config == tiny(epochs=3) and not T.is_finished(tmp_path / "short")
+    extended = T.train(config, tmp_path / "short", OPTS)
+    assert extended.resumed_from == (2, 0) and extended.result["epochs_run"] == 3
+    assert [m["val_loss"] for m in extended.metrics] == pytest.approx(
+        [m["val_loss"] for m in long.metrics], rel=1e-6)
+    # a run that stopped early has nothing to extend
+    T.train(tiny(epochs=5, stop_loss=10.0), tmp_path / "stop", OPTS)
+    with pytest.raises(T.TaskError, match="converged"):
+        T.extend_run(tmp_path / "stop", 9)
+
+
+def test_cli_resume_with_more_epochs(tmp_path, capsys):
+    from awd_nonnormal.tasks.__main__ import main
+
+    flags = ["--task", "copy", "--T", "25", "--n-train", "48", "--n-val", "32", "--lr", "1e-3",
+             "--seed", "2", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(flags + ["--epochs", "1"]) == 0
+    # another flag that disagrees is refused before anything changes
+    assert main(["--resume", "--out", str(tmp_path / "run"), "--epochs", "2", "--lr", "5e-3"]) == 2
+    assert T.is_finished(tmp_path / "run")
+    assert main(["--resume", "--out", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
+    assert T.read_result(tmp_path / "run")["epochs_run"] == 2
+    assert "after 2 epoch(s)" in capsys.readouterr().out

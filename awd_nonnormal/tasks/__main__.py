@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="run seed: weights, data and shuffling (default 1)")
     tr.add_argument("--out", help="run folder (default: runs/tasks/<task>-<init>-lr<lr>-seed<seed>-<hash>)")
     tr.add_argument("--resume", action="store_true", help="continue the run saved in --out with "
-                    "its stored config (flags given now must agree with it)")
+                    "its stored config (flags given now must agree with it, except a larger "
+                    "--epochs, which extends the run, finished or not)")
     _add_task_options(tr)
 
     sw = sub.add_parser("sweep", help="run a grid of runs in parallel (Figure 3)",
@@ -180,6 +181,7 @@ def _train_config(args: argparse.Namespace) -> tuple:
         if stored is None:
             raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
         config = T.make_config(**{k: v for k, v in stored.items()})
+        new_epochs = kw.pop("epochs") if kw.get("epochs", stored.get("epochs")) != stored.get("epochs") else None
         mismatch = [f"--{k.replace('_', '-')} {v!r} (run has {stored.get(k)!r})"
                     for k, v in kw.items() if k in stored and
                     json.loads(json.dumps(v)) != stored.get(k) and
@@ -187,6 +189,8 @@ def _train_config(args: argparse.Namespace) -> tuple:
         if mismatch:
             raise T.TaskError("--resume continues the saved run with its own config; these flags "
                               "disagree with it: " + ", ".join(mismatch))
+        if new_epochs is not None:  # a larger --epochs extends the run, finished or not
+            config = T.extend_run(args.out, new_epochs)
         return config, Path(args.out)
     config = T.make_config(**kw)
     out = Path(args.out) if args.out else Path("runs") / "tasks" / T.run_name(config)

@@ -51,7 +51,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION",
-    "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 CONFIG_FILE = "config.json"
@@ -491,6 +491,33 @@ def config_from_dict(d: Mapping[str, Any]) -> TaskConfig:
     return TaskConfig(**kw)
 
 
+def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
+    """Raise the epoch limit of the run in ``run_dir`` to ``epochs``, so that :func:`train` goes on
+    training it: a finished run (``completed``) is reopened, an unfinished one gets the new limit.
+    A run that converged (stopped early) or diverged has nothing to extend. Returns the new config.
+    """
+    run_dir = Path(run_dir)
+    stored = stored_config(run_dir)
+    if stored is None:
+        raise TaskError(f"{run_dir} holds no run (no {CONFIG_FILE})")
+    epochs = _positive_int("epochs", epochs)
+    if epochs <= stored["epochs"]:
+        raise TaskError(f"{run_dir}: the run already has an epoch limit of {stored['epochs']}; "
+                        f"extending needs more than that, got {epochs}")
+    result = read_result(run_dir)
+    if result is not None and result.get("status") != "completed":
+        raise TaskError(f"{run_dir}: the run ended as {result.get('status')!r}: nothing to extend")
+    config = config_from_dict({**stored, "epochs": epochs})
+    # The result goes first: were we stopped in between, the run then looks unfinished and its
+    # checkpoint (whose epoch limit train() ignores) still continues it exactly.
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    record = json.loads((run_dir / CONFIG_FILE).read_text())
+    record["config"] = config.to_dict()
+    _write_json(run_dir / CONFIG_FILE, record)
+    logger.info("%s: epoch limit raised from %d to %d", run_dir, stored["epochs"], epochs)
+    return config
+
+
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> List[str]:
     keys = sorted(set(a) | set(b))
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
@@ -626,7 +653,8 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
     resumed_from = None
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, kind="task")
-        if ckpt["config"] != config.to_dict():
+        # the epoch limit may have been raised since (extend_run); everything else must agree
+        if {**ckpt["config"], "epochs": config.epochs} != config.to_dict():
             diff = "; ".join(_differences(ckpt["config"], config.to_dict()))
             raise RunConflict(f"{ckpt_path} was saved by another config ({diff})")
         model.load_state_dict(ckpt["model"])
