@@ -43,8 +43,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +56,7 @@ from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoin
 from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
 from .init import load_plugin
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
-from .utils import resolve_device, seed_everything
+from .utils import GracefulInterrupt, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -289,33 +287,6 @@ def evaluate(model: RNNModel, source: Tensor, batch_size: int, bptt: int,
     return total.item() / count
 
 
-class _Interrupts:
-    """Turns the first Ctrl-C (SIGINT) into a request that the training loop honours at the next
-    batch boundary, where the state is consistent; a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.hard = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            self.hard = True
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Ctrl-C: stopping at the end of this batch (press Ctrl-C again to abort now)")
-
-    def __enter__(self) -> "_Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
 @dataclass
 class _State:
     """The mutable position of a run; everything in it goes into the latest checkpoint."""
@@ -371,7 +342,7 @@ class Trainer:
         self.train_data = batchify(corpus.train, train_cfg.batch_size, device)  # (rows, B)
         self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
         self.state = _State()
-        self.interrupts = _Interrupts()
+        self.interrupts = GracefulInterrupt()
         n_params = sum(p.numel() for p in self.params)
         logger.info("model: %s, %d parameters; %d training tokens per epoch (%d rows x %d)",
                     model_cfg.rnn_type, n_params, self.train_data.numel(), self.train_data.size(0),

@@ -1,14 +1,17 @@
-"""Small helpers shared by the command-line layers: device choice, logging set-up, seeding."""
+"""Small helpers shared by the command-line layers and trainers: device choice, logging set-up,
+seeding, and Ctrl-C handling that lets a training loop save before it stops."""
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
 
-__all__ = ["DEVICES", "resolve_device", "setup_logging", "seed_everything"]
+__all__ = ["DEVICES", "resolve_device", "setup_logging", "seed_everything", "GracefulInterrupt"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -40,3 +43,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class GracefulInterrupt:
+    """Within ``with GracefulInterrupt(message):``, the first Ctrl-C (SIGINT) only sets
+    :attr:`requested`, which a training loop checks at its next consistent point (a batch
+    boundary) to save and stop; a second Ctrl-C sets :attr:`hard` and raises KeyboardInterrupt at
+    once. Outside the main thread signals cannot be caught and nothing is installed."""
+
+    def __init__(self, message: str = "Ctrl-C: stopping after this batch (press Ctrl-C again to abort now)"):
+        self.message = message
+        self.requested = False
+        self.hard = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            self.hard = True
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.getLogger(__name__).warning(self.message)
+
+    def __enter__(self) -> "GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

@@ -18,6 +18,7 @@ from torch import nn
 from awd_nonnormal import lm
 from awd_nonnormal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from awd_nonnormal.data import DataError
+from awd_nonnormal.utils import GracefulInterrupt
 from awd_nonnormal.init import recurrent_layers
 from awd_nonnormal.lm import (NonFiniteLossError, ResumeError, RunExistsError, TrainConfig, RunPaths,
                               activation_regularization, averaged_weights, loss_units, run,
@@ -377,7 +378,7 @@ def test_ctrl_c_saves_state_tests_best_and_resume_matches(tmp_path, corpus, monk
 def test_first_ctrl_c_is_deferred_second_is_immediate():
     import signal
     before = signal.getsignal(signal.SIGINT)
-    with lm._Interrupts() as interrupts:
+    with GracefulInterrupt() as interrupts:
         assert signal.getsignal(signal.SIGINT) == interrupts._handler
         interrupts._handler(signal.SIGINT, None)  # first Ctrl-C: only a request
         assert interrupts.requested and not interrupts.hard

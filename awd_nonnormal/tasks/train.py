@@ -21,18 +21,16 @@ its checkpoint continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import re
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,7 @@ from torch import Tensor, nn
 from .. import init as initmod
 from ..checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint
 from ..rnn import NONLINEARITIES, RNN
-from ..utils import resolve_device
+from ..utils import GracefulInterrupt, resolve_device
 from . import data as D
 
 logger = logging.getLogger(__name__)
@@ -546,32 +544,6 @@ class RunOutcome:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
 
 
-class _Interrupt:
-    """SIGINT handler for the training loop: the first Ctrl-C asks the loop to stop after the
-    current batch (which then saves a checkpoint); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["_Interrupt"]:
-        try:
-            previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: saving a checkpoint after this batch (Ctrl-C again to abort)")
-
-
 def _clip(params: List[Tensor], max_norm: float, mode: str) -> None:
     if mode == "tensor":  # Keras clipnorm: each gradient tensor on its own
         for p in params:
@@ -693,9 +665,9 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
     status, message = "completed", ""
     if metrics and metrics[-1]["val_loss"] < config.stop_loss:
         status = "converged"
-    interrupt = _Interrupt()
+    interrupt = GracefulInterrupt("interrupt: saving a checkpoint after this batch (Ctrl-C again to abort)")
     t0 = time.perf_counter()
-    with interrupt.installed():
+    with interrupt:
         try:
             while epoch < config.epochs and status == "completed":
                 t0 = time.perf_counter()
