@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ties in peak time are broken by adding U[0, JITTER) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the jitter, fresh for every checkpoint (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is drawn on a terminal only, naming the gate block in hand)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log progress (-v) or debugging detail (-vv) on stderr")
     return p
@@ -106,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> PosthocConfig:
         heatmap_order=args.heatmap_order, max_offset=args.max_offset, group_by=group_by,
         filters=tuple(args.filters), only_successful=args.only_successful, initial=args.initial,
         patterns=tuple(args.patterns) if args.patterns else CHECKPOINT_PATTERNS,
-        steps=args.steps, jitter=args.jitter, seed=args.seed)
+        steps=args.steps, jitter=args.jitter, seed=args.seed, progress=not args.no_progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,7 +38,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ class PosthocConfig:
     steps: int = 100                             # zero-input steps after the pulse
     jitter: float = 1e-3                         # ties in peak time broken with U[0, jitter)
     seed: int = 0
+    progress: bool = True                        # a tqdm bar on stderr (drawn on a terminal only)
 
     def __post_init__(self) -> None:
         if self.heatmaps not in HEATMAP_CHOICES:
@@ -152,7 +153,8 @@ def _nan_to_none(x: float) -> Optional[float]:
 
 
 def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps: int, jitter: float,
-                   generator: torch.Generator, where: str) -> Dict[str, Any]:
+                   generator: torch.Generator, where: str,
+                   tick: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     gates = GATES[layer.cell]
     n = layer.weight_hh.shape[1]
     if layer.weight_ih is None:
@@ -174,6 +176,8 @@ def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps:
         "gates": {},
     }
     for gate, block in zip(gates, layer.weight_hh.chunk(len(gates), dim=0)):   # (N, N) each
+        if tick is not None:
+            tick(f"{layer.name} gate {gate}")
         eigvals = torch.linalg.eigvals(block.detach().double().cpu())  # O(N^3): computed once
         h = henrici_index(block, eigvals)
         offsets, profile = weight_profile(block, order)
@@ -188,14 +192,15 @@ def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps:
 
 def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, steps: int = 100,
                    jitter: float = 1e-3, seed: int = 0, where: str = "checkpoint",
-                   fallback: Optional[Mapping[str, Layer]] = None) -> List[Dict[str, Any]]:
+                   fallback: Optional[Mapping[str, Layer]] = None,
+                   tick: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
     """Henrici index, spectral radius and weight profile of every gate of every layer in
     ``tensors`` (a state_dict), with each layer's peak order. Returns one record (plain data) per
     layer, in state_dict order.
 
     ``arch`` gives the cell type (checked against the block count) and the vanilla RNN's
     nonlinearity. ``fallback`` (layers by name) lends input weights and biases to layers that lack
-    them, as ``initial_rnn`` might.
+    them, as ``initial_rnn`` might. ``tick(label)`` is called before each gate block (progress).
     """
     layers = find_layers(tensors)
     if not layers:
@@ -224,7 +229,7 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
             if nl not in ACTIVATIONS:
                 raise CheckpointError(f"{where}: unknown nonlinearity {nl!r} in arch; known: "
                                       f"{', '.join(ACTIVATIONS)}")
-        records.append(_measure_layer(layer, index, nl, steps, jitter, generator, where))
+        records.append(_measure_layer(layer, index, nl, steps, jitter, generator, where, tick))
     return records
 
 
@@ -529,7 +534,14 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
     filter_keys_seen: set = set()
     n_no_result = 0
 
-    for i, cand in enumerate(candidates):
+    from tqdm.auto import tqdm
+
+    # a bar over the checkpoints, naming the gate block in hand (a large LSTM takes minutes);
+    # tqdm draws it only on a terminal
+    bar = tqdm(candidates, desc="analysing", unit="ckpt", disable=None if cfg.progress else True,
+               leave=False)
+    tick = lambda label: bar.set_postfix_str(label, refresh=True)  # noqa: E731
+    for i, cand in enumerate(bar):
         where = str(cand.path)
         try:
             ckpt = _safe_load(cand.path)
@@ -569,11 +581,12 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
         has_initial = isinstance(initial_tensors, Mapping) and bool(initial_tensors)
         try:
             trained = measure_layers(ckpt["model"], ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
-                                     seed=cfg.seed, where=where)
+                                     seed=cfg.seed, where=where, tick=tick)
             if cfg.initial and has_initial:
                 lenders = {layer.name: layer for layer in find_layers(ckpt["model"])}
                 initial = measure_layers(initial_tensors, ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
-                                         seed=cfg.seed, where=f"{where} (initial_rnn)", fallback=lenders)
+                                         seed=cfg.seed, where=f"{where} (initial_rnn)", fallback=lenders,
+                                         tick=lambda label: tick(f"initial {label}"))
         except CheckpointError as exc:
             if cand.explicit:
                 raise
