@@ -23,6 +23,11 @@ def pyplot():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+    return MaxNLocator(integer=True)
+
+
 def save(fig, path: PathLike) -> Path:
     """Save ``fig`` as a PNG (creating the folder) and close it."""
     path = Path(path)
@@ -187,6 +192,7 @@ def task_loss_curves(curves, baseline: float, path: PathLike, *, title: str = ""
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="random baseline")
     ax.set(xlabel="epoch", ylabel="validation loss", yscale="log",
            title=f"{title}: best configuration per model" if title else "best configuration per model")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.legend(fontsize=8)
     return save(fig, path)
 
@@ -207,4 +213,5 @@ def task_success_counts(counts, path: PathLike, *, title: str = "") -> Path:
     ax.set_xticklabels(names)
     ax.set(ylabel="successful runs", ylim=(0, max(max(succ, default=0), 1) * 1.2),
            title=f"{title}: runs below 50 % of the baseline" if title else "runs below 50 % of the baseline")
+    ax.yaxis.set_major_locator(_integer_ticks())
     return save(fig, path)
