@@ -115,8 +115,9 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint: it holds objects that a safe "
                               f"load refuses (a pickled model from other code?): {exc}".splitlines()[0]) from None
     except Exception as exc:  # the safe unpickler raises many kinds on junk bytes (KeyError too)
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted, or not a "
+                              f"checkpoint at all): {detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint (no '{FORMAT}' format marker)")
     missing = [k for k in _REQUIRED if k not in ckpt]
