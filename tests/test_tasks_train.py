@@ -126,6 +126,19 @@ def test_early_stop_and_nan(tmp_path):
     assert json.loads((tmp_path / "nan" / T.RESULT_FILE).read_text())["status"] == "diverged"
 
 
+def test_overflowing_gradient_norm_ends_the_run(tmp_path):
+    """chain(7) over 30 steps: the activity reaches ~7^29 * 0.9 ~ 1e24, the loss stays finite, but
+    the gradient's squared norm overflows float32, so clipping would zero every update: a dead run,
+    reported as diverged rather than trained on for nothing."""
+    c = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=2, lr=1e-3, init="chain",
+                      init_scale=7.0, seed=2)
+    r = T.train(c, tmp_path / "run", OPTS).result
+    assert r["status"] == "diverged" and r["success"] is False
+    assert "gradient norm overflowed at epoch 1, batch 1" in r["message"]
+    ck = load_checkpoint(tmp_path / "run" / T.CHECKPOINT_FILE, kind="task")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
 def test_addition_and_global_clip(tmp_path):
     c = T.make_config(task="addition", T=20, n_train=32, n_val=16, epochs=1, init="identity",
                       init_scale=1.0, clip_mode="global")

@@ -544,13 +544,16 @@ class RunOutcome:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
 
 
-def _clip(params: List[Tensor], max_norm: float, mode: str) -> None:
+def _clip(params: List[Tensor], max_norm: float, mode: str) -> float:
+    """Clip the gradients; return the largest norm seen (0 without clipping). An infinite norm
+    means the gradient overflowed float32: clipping then scales it to zero, for good, since the
+    exploded activity that caused it stays (Keras' clipnorm does the same, silently)."""
     if mode == "tensor":  # Keras clipnorm: each gradient tensor on its own
-        for p in params:
-            if p.grad is not None:
-                torch.nn.utils.clip_grad_norm_([p], max_norm)
-    elif mode == "global":
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norms = [torch.nn.utils.clip_grad_norm_([p], max_norm) for p in params if p.grad is not None]
+        return float(torch.stack(norms).max()) if norms else 0.0
+    if mode == "global":
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return 0.0
 
 
 def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
@@ -688,7 +691,15 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
                             logger.warning("%s: %s", run_dir, message)
                             break
                         loss.backward()
-                        _clip(params, config.clip, config.clip_mode)
+                        grad_norm = _clip(params, config.clip, config.clip_mode)
+                        if not math.isfinite(grad_norm):
+                            status = "diverged"
+                            message = (f"the gradient norm overflowed at epoch {epoch + 1}, batch "
+                                       f"{position + 1} (training loss {value:.3g}): the activity "
+                                       f"exploded, and clipping would zero every update from here "
+                                       f"on; the run stopped (lr {config.lr:g} or the init gain too high?)")
+                            logger.warning("%s: %s", run_dir, message)
+                            break
                         optimizer.step()
                         loss_sum += value * len(index)
                         loss_count += len(index)
