@@ -126,17 +126,23 @@ def test_early_stop_and_nan(tmp_path):
     assert json.loads((tmp_path / "nan" / T.RESULT_FILE).read_text())["status"] == "diverged"
 
 
-def test_overflowing_gradient_norm_ends_the_run(tmp_path):
-    """chain(7) over 30 steps: the activity reaches ~7^29 * 0.9 ~ 1e24, the loss stays finite, but
-    the gradient's squared norm overflows float32, so clipping would zero every update: a dead run,
-    reported as diverged rather than trained on for nothing."""
-    c = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=2, lr=1e-3, init="chain",
+def test_overflowing_gradient_norm(tmp_path):
+    """chain(7) over 30 steps: the activity reaches ~7^29 * 0.9 ~ 1e24 and the loss stays finite,
+    but the gradient's squared norm overflows float32, so clipping zeroes every update (as Keras'
+    clipnorm does). The run goes on as long as that could pass; after a whole epoch of batches
+    in a row without an update it is reported as diverged instead of trained on for nothing."""
+    c = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=3, lr=1e-3, init="chain",
                       init_scale=7.0, seed=2)
-    r = T.train(c, tmp_path / "run", OPTS).result
+    seen = []
+    r = T.train(c, tmp_path / "run", OPTS, on_batch=lambda e, b, loss: seen.append((e, b))).result
+    n_batches = 3  # 48 sequences in batches of 16
     assert r["status"] == "diverged" and r["success"] is False
-    assert "gradient norm overflowed at epoch 1, batch 1" in r["message"]
+    assert f"overflowed in {n_batches} batches in a row" in r["message"]
+    assert seen == [(0, 0), (0, 1)]  # the third overflowing batch ends the run before its step
     ck = load_checkpoint(tmp_path / "run" / T.CHECKPOINT_FILE, kind="task")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    # the zeroed updates left the weights where the init put them
+    assert torch.equal(ck["model"]["rnn.weight_hh_l0"], I.chain_(torch.empty(100, 100), alpha=7.0))
 
 
 def test_addition_and_global_clip(tmp_path):

@@ -204,9 +204,9 @@ def _fmt(x: Optional[float]) -> str:
 def _print_run_summary(outcome: "T.RunOutcome") -> None:
     r = outcome.result
     epochs = r.get("epochs_run", 0)
-    per_epoch = r["time"] / epochs if epochs else float("nan")
+    per_epoch = f"{r['time'] / epochs:.1f} s/epoch" if epochs else "no epoch finished"
     head = "already finished" if outcome.skipped else r["status"]
-    print(f"{outcome.run_dir.name}: {head} after {epochs} epoch(s), {per_epoch:.1f} s/epoch")
+    print(f"{outcome.run_dir.name}: {head} after {epochs} epoch(s), {per_epoch}")
     final = r.get("final_val_loss")
     ratio = f", {100 * final / r['baseline']:.1f} % of it" if final is not None else ""
     print(f"  final validation loss {_fmt(final)} (random baseline {r['baseline']:.5f}{ratio}); "

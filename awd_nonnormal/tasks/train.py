@@ -546,8 +546,8 @@ class RunOutcome:
 
 def _clip(params: List[Tensor], max_norm: float, mode: str) -> float:
     """Clip the gradients; return the largest norm seen (0 without clipping). An infinite norm
-    means the gradient overflowed float32: clipping then scales it to zero, for good, since the
-    exploded activity that caused it stays (Keras' clipnorm does the same, silently)."""
+    means the gradient's squared norm overflowed float32: clipping then scales the gradient to
+    zero, so the batch changes nothing (Keras' clipnorm does the same, silently)."""
     if mode == "tensor":  # Keras clipnorm: each gradient tensor on its own
         norms = [torch.nn.utils.clip_grad_norm_([p], max_norm) for p in params if p.grad is not None]
         return float(torch.stack(norms).max()) if norms else 0.0
@@ -625,6 +625,7 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
     epoch, position = 0, 0
     metrics: List[Dict[str, Any]] = []
     loss_sum, loss_count, epoch_time, elapsed = 0.0, 0, 0.0, 0.0
+    overflow_streak = 0  # batches in a row whose gradient norm overflowed (update zeroed)
     resumed_from = None
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, kind="task")
@@ -638,6 +639,7 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
         epoch, position = int(ckpt["epoch"]), int(ckpt["batch"])
         metrics = list(ckpt["metrics"])
         loss_sum, loss_count = float(ckpt["train_loss_sum"]), int(ckpt["train_count"])
+        overflow_streak = int(ckpt.get("overflow_streak", 0))
         epoch_time, elapsed = float(ckpt["epoch_time"]), float(ckpt["elapsed"])
         resumed_from = (epoch, position)
         logger.info("%s: resuming at epoch %d, batch %d", run_dir, epoch + 1, position)
@@ -657,7 +659,8 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
         payload = dict(optimizer=optimizer.state_dict(), epoch=epoch, batch=position,
                        best_val=min((m["val_loss"] for m in metrics), default=None),
                        rng=rng_state(), metrics=metrics, initial_rnn=initial_rnn,
-                       train_loss_sum=loss_sum, train_count=loss_count, epoch_time=epoch_time,
+                       train_loss_sum=loss_sum, train_count=loss_count, overflow_streak=overflow_streak,
+                       epoch_time=epoch_time,
                        elapsed=elapsed, derived={k: v for k, v in derived.items() if k != "permutation"},
                        **extra_state)
         if result is not None:
@@ -692,12 +695,17 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
                             break
                         loss.backward()
                         grad_norm = _clip(params, config.clip, config.clip_mode)
-                        if not math.isfinite(grad_norm):
+                        # An overflowing norm zeroes this batch's update, as in Keras, and the
+                        # run goes on; once a whole epoch's worth of batches in a row did, the
+                        # weights have stopped moving for good (the exploded activity stays).
+                        overflow_streak = overflow_streak + 1 if not math.isfinite(grad_norm) else 0
+                        if overflow_streak >= n_batches:
                             status = "diverged"
-                            message = (f"the gradient norm overflowed at epoch {epoch + 1}, batch "
-                                       f"{position + 1} (training loss {value:.3g}): the activity "
-                                       f"exploded, and clipping would zero every update from here "
-                                       f"on; the run stopped (lr {config.lr:g} or the init gain too high?)")
+                            message = (f"the gradient norm overflowed in {overflow_streak} batches "
+                                       f"in a row, up to epoch {epoch + 1}, batch {position + 1} "
+                                       f"(training loss {value:.3g}): the activity exploded and "
+                                       f"clipping zeroes every update, so the run can no longer "
+                                       f"change (lr {config.lr:g} or the init gain too high?)")
                             logger.warning("%s: %s", run_dir, message)
                             break
                         optimizer.step()
