@@ -520,6 +520,15 @@ def _json_clean(value: Any) -> Any:
     return value
 
 
+def _skip_unless_explicit(cand: Candidate, exc: CheckpointError, report: Report) -> None:
+    """A file named on the command line that cannot be analysed is an error; one found in a
+    folder search is skipped with a warning."""
+    if cand.explicit:
+        raise exc
+    logger.warning("skipping %s", exc)
+    report.skipped.append((str(cand.path), str(exc)))
+
+
 def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
     """Find, load, filter, measure, group and aggregate the checkpoints named by ``args``; write
     the JSON (and the figures unless ``cfg.figures`` is off). Raises :class:`CheckpointError` for
@@ -548,10 +557,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             if not isinstance(ckpt["model"], Mapping):
                 raise CheckpointError(f"{where}: 'model' is not a state_dict")
         except CheckpointError as exc:
-            if cand.explicit:
-                raise
-            logger.warning("skipping %s", exc)
-            report.skipped.append((where, str(exc)))
+            _skip_unless_explicit(cand, exc, report)
             continue
         fields = checkpoint_fields(ckpt, cand.path)
         seen_fields.update(fields)
@@ -588,10 +594,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
                                          seed=cfg.seed, where=f"{where} (initial_rnn)", fallback=lenders,
                                          tick=lambda label: tick(f"initial {label}"))
         except CheckpointError as exc:
-            if cand.explicit:
-                raise
-            logger.warning("skipping %s", exc)
-            report.skipped.append((where, str(exc)))
+            _skip_unless_explicit(cand, exc, report)
             continue
         if cfg.initial and not has_initial:
             logger.warning("%s holds no initial_rnn: its initial weights cannot be analysed", where)
