@@ -312,32 +312,50 @@ def _read_exact(f: BinaryIO, n: int, chunk_bytes: int, name) -> Iterable[bytes]:
 # MNIST
 
 
+def parse_idx_header(data: bytes) -> Tuple[int, Tuple[int, ...], int]:
+    """``(magic, dims, header length)`` from the first bytes of an IDX file of unsigned bytes
+    (LeCun & Cortes: a big-endian int32 magic ``0x000008nd``, then ``nd`` big-endian int32
+    sizes). Raises ``ValueError`` with the reason. Shared with the psMNIST reader."""
+    if len(data) < 4:
+        raise ValueError(f"too short for an IDX header ({len(data)} bytes)")
+    (magic,) = struct.unpack(">i", data[:4])
+    if magic >> 8 != 0x08 or not 1 <= (magic & 0xFF) <= 4:
+        raise ValueError(f"bad IDX magic number {magic} (expected {IDX_IMAGES_MAGIC} for images "
+                         f"or {IDX_LABELS_MAGIC} for labels)")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError("truncated IDX header")
+    dims = struct.unpack(f">{ndim}i", data[4:header])
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative IDX dimension in {dims}")
+    return magic, dims, header
+
+
 def read_idx_gz(path: Path) -> Tuple[int, Tuple[int, ...], int]:
     """Check a gzipped IDX file of unsigned bytes: returns ``(magic, dims, max value)``.
 
     The magic number must be 2049 (1-d, labels) or 2051 (3-d, images), and the payload must hold
-    exactly ``prod(dims)`` bytes.
+    exactly ``prod(dims)`` bytes. The file is streamed, never held in memory.
     """
     path = Path(path)
     try:
         with gzip.open(path, "rb") as f:
-            head = f.read(4)
-            if len(head) < 4:
-                raise PrepareError(f"{path}: too short for an IDX header")
-            (magic,) = struct.unpack(">i", head)
-            if magic not in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
-                raise PrepareError(f"{path}: bad IDX magic number {magic} (expected "
-                                   f"{IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for "
-                                   f"labels)")
-            ndim = magic & 0xFF
-            raw = f.read(4 * ndim)
-            if len(raw) < 4 * ndim:
-                raise PrepareError(f"{path}: truncated IDX header")
-            dims = struct.unpack(f">{ndim}i", raw)
+            head = f.read(4 + 4 * 4)  # the longest header (4 dimensions)
+            # MNIST has only these two: say so before a wrong one is read as another shape
+            found = struct.unpack(">i", head[:4])[0] if len(head) >= 4 else None
+            if found is not None and found not in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
+                raise PrepareError(f"{path}: bad IDX magic number {found} (expected "
+                                   f"{IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for labels)")
+            try:
+                magic, dims, header = parse_idx_header(head)
+            except ValueError as e:
+                raise PrepareError(f"{path}: {e}") from None
             expected = 1
             for d in dims:
                 expected *= d
-            size, top = 0, 0
+            first = head[header:]
+            size, top = len(first), max(first, default=0)
             while True:
                 block = f.read(CHUNK_BYTES)
                 if not block:

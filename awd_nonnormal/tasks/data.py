@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -32,6 +31,8 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..prepare import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, parse_idx_header
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def permute_pixels(images: Tensor, perm: Tensor) -> Tensor:
 # IDX files
 # --------------------------------------------------------------------------------------------
 
-IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 GETDATA_HINT = "run ./getdata.sh mnist (or point --mnist-dir at a folder with the IDX files)"
 
 
@@ -229,22 +228,13 @@ def read_idx(path: PathLike, magic: Optional[int] = None) -> Tensor:
             data = fh.read()
     except (OSError, EOFError) as exc:
         raise IDXError(f"{path}: cannot read ({exc}); {GETDATA_HINT}") from None
-    if len(data) < 4:
-        raise IDXError(f"{path}: too short for an IDX header ({len(data)} bytes); {GETDATA_HINT}")
-    (found,) = struct.unpack(">i", data[:4])
-    if found >> 8 != 0x08 or not 1 <= (found & 0xFF) <= 4:
-        raise IDXError(f"{path}: bad IDX magic number {found} (expected {IDX_IMAGES_MAGIC} for "
-                       f"images or {IDX_LABELS_MAGIC} for labels); {GETDATA_HINT}")
+    try:
+        found, dims, header = parse_idx_header(data)
+    except ValueError as exc:
+        raise IDXError(f"{path}: {exc}; {GETDATA_HINT}") from None
     if magic is not None and found != magic:
         raise IDXError(f"{path}: IDX magic number {found}, expected {magic} "
                        f"({'images' if magic == IDX_IMAGES_MAGIC else 'labels'}); {GETDATA_HINT}")
-    ndim = found & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{path}: truncated IDX header; {GETDATA_HINT}")
-    dims = struct.unpack(f">{ndim}i", data[4:header])
-    if any(d < 0 for d in dims):
-        raise IDXError(f"{path}: negative IDX dimension in {dims}; {GETDATA_HINT}")
     size = math.prod(dims)
     if len(data) - header != size:
         problem = "truncated" if len(data) - header < size else "has trailing bytes"
