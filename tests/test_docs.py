@@ -1,5 +1,6 @@
-"""The README is the user's manual: its two set-up commands are what CI and users run, and every
-flag of every command is documented in it."""
+"""README.md is the front page and docs/ the manual: the README's two set-up commands are what CI
+and users run, every flag of every command is documented in README.md or docs/, every relative
+link there points to a file that exists, and the front page stays short."""
 
 import re
 import shlex
@@ -11,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = "\n".join(path.read_text() for path in DOC_FILES)
 
 
 def setup_commands():
@@ -64,5 +67,41 @@ def test_every_flag_is_documented(command):
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", out.stdout))
     flags -= {"--help"}
     assert flags, out.stdout
-    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![a-z0-9_-])", README))
-    assert not missing, f"{' '.join(command[1:])}: flags not in README.md: {missing}"
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![a-z0-9_-])", DOCS))
+    assert not missing, f"{' '.join(command[1:])}: flags in neither README.md nor docs/: {missing}"
+
+
+def test_manual_pages_exist():
+    names = {path.name for path in DOC_FILES}
+    for page in ("index.md", "initializers.md", "language-models.md", "tasks.md", "analysis.md",
+                 "data.md", "checkpoints.md", "design.md", "performance.md"):
+        assert page in names, f"docs/{page} is missing"
+
+
+def relative_links(text):
+    """Targets of Markdown links and images that are not web addresses or in-page anchors,
+    outside fenced code blocks."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    targets = re.findall(r"\]\(([^)\s]+)\)", prose)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+
+
+def test_relative_links_point_to_existing_files():
+    broken = []
+    for path in DOC_FILES:
+        for target in relative_links(path.read_text()):
+            file_part = target.split("#", 1)[0]
+            if not (path.parent / file_part).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to missing files: {broken}"
+
+
+def test_link_check_sees_relative_links_and_skips_the_rest():
+    text = ("[a](docs/a.md) [b](b.md#part) ![c](figures/c.png) [d](https://x.org/a.md) [e](#here)\n"
+            "```\n[f](not/a/link.md)\n```\n")
+    assert relative_links(text) == ["docs/a.md", "b.md#part", "figures/c.png"]
+
+
+def test_readme_is_a_short_front_page():
+    size = len(README.encode("utf-8"))
+    assert size < 15 * 1024, f"README.md is {size} bytes; the manual belongs in docs/"
