@@ -1,41 +1,39 @@
-"""Small helpers shared by the command-line layers and trainers: device choice, logging set-up,
-seeding, and Ctrl-C handling that lets a training loop save before it stops."""
+"""Small helpers shared by the command-line layers and trainers: device choice, seeding, and
+reading a number from text."""
 
 from __future__ import annotations
 
-import logging
+import math
 import random
-import signal
-import threading
+import re
+from typing import Any, Type
 
 import numpy as np
 import torch
 
-__all__ = ["DEVICES", "resolve_device", "setup_logging", "seed_everything", "GracefulInterrupt"]
+__all__ = ["DEVICES", "resolve_device", "seed_everything", "parse_number"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error. A specific
-    device such as ``cuda:1`` is accepted too."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda`` or ``cuda:N`` (a ValueError
+    without CUDA, or when device N does not exist)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device "
-                             f"(torch {torch.__version__}, built for CUDA: {torch.version.cuda}); "
-                             "use --device cpu or auto")
-        return torch.device(name)
-    raise ValueError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr, INFO by default and DEBUG with ``verbose``."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    m = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if m is None:
+        raise ValueError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but PyTorch sees no CUDA device "
+                         f"(torch {torch.__version__}, built for CUDA: {torch.version.cuda}); "
+                         "use --device cpu or auto")
+    if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -45,31 +43,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class GracefulInterrupt:
-    """Within ``with GracefulInterrupt(message):``, the first Ctrl-C (SIGINT) only sets
-    :attr:`requested`, which a training loop checks at its next consistent point (a batch
-    boundary) to save and stop; a second Ctrl-C sets :attr:`hard` and raises KeyboardInterrupt at
-    once. Outside the main thread signals cannot be caught and nothing is installed."""
-
-    def __init__(self, message: str = "Ctrl-C: stopping after this batch (press Ctrl-C again to abort now)"):
-        self.message = message
-        self.requested = False
-        self.hard = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            self.hard = True
-            raise KeyboardInterrupt
-        self.requested = True
-        logging.getLogger(__name__).warning(self.message)
-
-    def __enter__(self) -> "GracefulInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+def parse_number(text: Any, what: str, *, integer: bool = False,
+                 error: Type[Exception] = ValueError) -> float:
+    """``text`` as a finite float (or an int with ``integer``); otherwise raise ``error`` with
+    ``"WHAT: 'TEXT' is not a (finite) number"``."""
+    if integer:
+        try:
+            return int(str(text).strip())
+        except ValueError:
+            raise error(f"{what}: {text!r} is not an integer") from None
+    if isinstance(text, bool):
+        raise error(f"{what}: {text!r} is not a number")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise error(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise error(f"{what}: {text!r} is not a finite number")
+    return value
