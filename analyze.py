@@ -5,7 +5,7 @@ recurrent layer and gate (Orhan & Pitkow 2020, Table 2 and Figures 5-6).
     python analyze.py runs/sweep/ --group-by init --initial --out analysis/
 
 The work happens in :mod:`awd_nonnormal.posthoc`; this script parses arguments and prints.
-See notes/analyze.md (or the README) for every option and the outputs.
+The README's analysis section describes every option and the outputs.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from awd_nonnormal.checkpoint import CheckpointError
+from awd_nonnormal import cli
 from awd_nonnormal.posthoc import (CHECKPOINT_PATTERNS, DEFAULT_GROUP_BY, HEATMAP_CHOICES, HEATMAP_ORDERS,
                                    AnalysisError, PosthocConfig, format_table, run)
+
+PROG = "analyze.py"
+cli.register_data_error(AnalysisError)
 
 
 def _key_value(text: str):
@@ -43,8 +46,8 @@ def _max_offset(text: str) -> Optional[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="analyze.py",
+    p = cli.Parser(
+        prog=PROG,
         description="Henrici index, spectral radius and weight profiles (units ordered by the peak "
                     "time of their response to a pulse) of every recurrent layer and gate of "
                     "awd-nonnormal checkpoints, aggregated over groups as mean +- s.e.m.")
@@ -91,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the jitter, fresh for every checkpoint (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is drawn on a terminal only, naming the gate block in hand)")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log progress (-v) or debugging detail (-vv) on stderr")
+    cli.add_output_arguments(p, progress=False,
+                             verbose_help="log progress (-v) or debugging detail (-vv) on stderr")
     return p
 
 
@@ -114,22 +117,21 @@ def config_from_args(args: argparse.Namespace) -> PosthocConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="analyze.py: %(levelname)s: %(message)s")
+    cli.setup_logging(args.verbose, quiet_level=logging.WARNING)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        report = run(args.checkpoints, cfg)
-    except (CheckpointError, AnalysisError, OSError) as exc:
-        print(f"analyze.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+    return cli.run_command(PROG, lambda: _report(args, cfg))
+
+
+def _report(args: argparse.Namespace, cfg: PosthocConfig) -> int:
+    report = run(args.checkpoints, cfg)
     try:
         _print_report(report)
     except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return cli.EXIT_OK
 
 
 def _print_report(report) -> None:

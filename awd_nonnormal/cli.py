@@ -1,0 +1,162 @@
+"""What every command line of the project shares: the common flags, the logging set-up, the exit
+codes, and turning a known error into one line on stderr.
+
+Exit codes (:data:`EXIT_CODES`), the same for ``main.py``, ``analyze.py`` and
+``python -m awd_nonnormal.tasks``:
+
+====  =====================  ===================================================================
+code  name                   meaning
+====  =====================  ===================================================================
+0     ok                     done (a task run that reached its epoch limit or converged)
+1     data/checkpoint error  a corpus, MNIST file, checkpoint or run file is missing or unreadable
+2     usage error            a bad flag or value, or flags that disagree with a resumed run
+3     run exists             the output holds another run (another --save/--out, --resume,
+                             or --overwrite where the command has it)
+4     diverged               training ended on a non-finite loss or stuck updates
+                             (:mod:`awd_nonnormal.runs`); the last good checkpoint is kept
+130   interrupted            Ctrl-C; the state is saved and the same command continues
+====  =====================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Type
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .init import add_init_arguments
+from .runs import Diverged, ResumeConflict, RunExistsError
+from .utils import DEVICES
+
+__all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_RUN_EXISTS", "EXIT_DIVERGED",
+           "EXIT_INTERRUPTED", "EXIT_CODES", "DataFileError", "Parser", "add_device_argument",
+           "add_output_arguments", "add_init_arguments", "setup_logging", "exit_code",
+           "one_line", "run_command", "given_dests", "register_data_error"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_RUN_EXISTS = 3
+EXIT_DIVERGED = 4
+EXIT_INTERRUPTED = 130
+
+#: name -> exit code (see the module docstring).
+EXIT_CODES = {"ok": EXIT_OK, "data/checkpoint error": EXIT_ERROR, "usage error": EXIT_USAGE,
+              "run exists": EXIT_RUN_EXISTS, "diverged": EXIT_DIVERGED,
+              "interrupted": EXIT_INTERRUPTED}
+
+
+class DataFileError(ValueError):
+    """A base for errors about input files (registered by modules that read them: see
+    :func:`register_data_error`)."""
+
+
+# Checked in order: the first class that matches gives the code. A ValueError not listed before
+# it is a bad value (usage).
+_ERRORS: list = [
+    (RunExistsError, EXIT_RUN_EXISTS),
+    (Diverged, EXIT_DIVERGED),
+    (ResumeConflict, EXIT_USAGE),
+    (CheckpointError, EXIT_ERROR),
+    (DataError, EXIT_ERROR),
+    (DataFileError, EXIT_ERROR),
+    (OSError, EXIT_ERROR),
+    (ValueError, EXIT_USAGE),
+    (RuntimeError, EXIT_ERROR),
+]
+
+
+def register_data_error(cls: Type[BaseException]) -> Type[BaseException]:
+    """Let ``cls`` (a ValueError about an input file) exit as a data error, not a usage error."""
+    _ERRORS.insert(_ERRORS.index((ValueError, EXIT_USAGE)), (cls, EXIT_ERROR))
+    return cls
+
+
+def exit_code(exc: BaseException) -> Optional[int]:
+    """The exit code of a known error, or None for one that should not be caught."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    for cls, code in _ERRORS:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_command(prog: str, command: Callable[[], int],
+                interrupted: str = "interrupted; the state is saved: run the same command again "
+                                   "to continue") -> int:
+    """Run ``command()`` and return its exit code; a known error prints ``PROG: error: ...`` (one
+    line, no traceback) and returns its code from :data:`EXIT_CODES`."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - only the known ones are caught, the rest re-raised
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status :data:`EXIT_USAGE`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _device(text: str) -> str:
+    if text in DEVICES or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from: {', '.join(DEVICES)}, cuda:N")
+
+
+def add_device_argument(group, default: str = "auto") -> None:
+    """``--device auto|cpu|cuda|cuda:N``."""
+    group.add_argument("--device", type=_device, default=default,
+                       help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
+def add_output_arguments(group, *, progress: bool = True, verbose_help: str = "debug logging") -> None:
+    """``--no-progress`` (with ``progress``) and ``-v/--verbose`` (repeatable)."""
+    if progress:
+        group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+
+
+def setup_logging(verbose: int = 0, quiet_level: int = logging.INFO) -> None:
+    """Log to stderr at ``quiet_level``, one level more detailed for every ``-v``."""
+    level = max(logging.DEBUG, quiet_level - 10 * int(verbose))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+class _Unset(list):
+    """The default of every dest while :func:`given_dests` parses: argparse's ``append`` action
+    copies and extends it, ``count`` adds 1 to it, every other action replaces it, so a dest
+    that still holds this very object was not given."""
+
+    def __add__(self, other):
+        return other
+
+
+def given_dests(make_parser: Callable[[], argparse.ArgumentParser],
+                argv: Optional[Sequence[str]]) -> frozenset:
+    """The argparse dests that ``argv`` sets, told apart from defaults even when equal to them: a
+    fresh parser from ``make_parser()`` gets one marker as every default (``set_defaults``) and
+    parses ``argv`` again. The parser must accept an empty command line."""
+    parser = make_parser()
+    unset = _Unset()
+    parser.set_defaults(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return frozenset(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
