@@ -21,29 +21,29 @@ import time
 from pathlib import Path
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
-from awd_nonnormal.checkpoint import CheckpointError
-from awd_nonnormal.data import DataError
-from awd_nonnormal.init import InitSpecError, available, load_plugin
-from awd_nonnormal.lm import OPTIMIZERS, LMError, RunResult, TrainConfig, loss_units, run
+from awd_nonnormal import cli
+from awd_nonnormal.init import available, init_options_from_args
+from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
 from awd_nonnormal.model import ModelConfig, check_init
 from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES
-from awd_nonnormal.utils import resolve_device, setup_logging
+from awd_nonnormal.utils import resolve_device
 
-# argparse dest -> (config, field); every dest not listed is an action, not a setting.
-_MODEL_FIELDS = {
+PROG = "main.py"
+
+# argparse dest -> setting name of awd_nonnormal.lm (see lm._flat_settings); every dest not
+# listed is an action, not a setting.
+_SETTINGS = {
     "model": "rnn_type", "emsize": "emsize", "nhid": "nhid", "nlayers": "nlayers",
     "dropout": "dropout", "dropouth": "dropouth", "dropouti": "dropouti", "dropoute": "dropoute",
-    "wdrop": "wdrop", "tied": "tied", "nonlinearity": "nonlinearity", "init": "init",
-    "init_alpha": "init_params", "init_beta": "init_params", "init_scale": "init_params",
-    "init_eps": "init_params", "init_zero_bias": "init_zero_bias",
-}
-_TRAIN_FIELDS = {
+    "wdrop": "wdrop", "tied": "tied", "nonlinearity": "nonlinearity", "init": "init.spec",
+    "init_alpha": "init.params", "init_beta": "init.params", "init_scale": "init.params",
+    "init_eps": "init.params", "init_zero_bias": "init.zero_bias", "init_plugins": "init.plugins",
     "data": "data", "batch_size": "batch_size", "eval_batch_size": "eval_batch_size",
     "test_batch_size": "test_batch_size", "bptt": "bptt", "lr": "lr", "clip": "clip",
     "epochs": "epochs", "alpha": "alpha", "beta": "beta", "wdecay": "wdecay",
     "optimizer": "optimizer", "when": "when", "nonmono": "nonmono", "seed": "seed",
     "log_interval": "log_interval", "save": "save", "device": "device",
-    "init_plugins": "init_plugins", "no_progress": "progress", "overwrite": "overwrite",
+    "max_skipped_steps": "max_skipped_steps", "no_progress": "progress", "overwrite": "overwrite",
 }
 
 
@@ -54,7 +54,8 @@ class _GoneCuda(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
+        prog=PROG,
         description="Train an AWD-LSTM-style language model (LSTM, GRU or vanilla RNN) with "
                     "non-normal initializers (Orhan & Pitkow, ICLR 2020).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,19 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nonlinearity", default=m.nonlinearity, choices=NONLINEARITIES,
                    help="activation of --model RNN")
 
-    g = p.add_argument_group("initialisation of the recurrent layers")
-    g.add_argument("--init", default=m.init, metavar="NAME|SPEC",
-                   help="initializer or per-gate spec, e.g. chain, mixed, orthogonal, "
-                        "'i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp'; plain is PyTorch's default "
-                        f"(known: {', '.join(available())})")
-    g.add_argument("--init-alpha", type=float, default=None, help="chain/fbchain feed-forward weight alpha (None: the initializer's own default)")
-    g.add_argument("--init-beta", type=float, default=None, help="fbchain feedback weight beta (None: its default, 0.04)")
-    g.add_argument("--init-scale", type=float, default=None,
-                   help="gain of every initializer that has one (alpha of the chains, lambda of identity/orthogonal)")
-    g.add_argument("--init-eps", type=float, default=None, help="ramp slope eps (None: its default, 0.01)")
-    g.add_argument("--init-plugin", dest="init_plugins", action="append", default=[], metavar="MODULE_OR_FILE",
-                   help="import an initializer plug-in (module name or .py file) first; repeatable")
-    g.add_argument("--init-zero-bias", action="store_true", help="set the recurrent biases to 0")
+    cli.add_init_arguments(p, default_spec=m.init.spec)
 
     g = p.add_argument_group("training (awd-lstm-lm flags)")
     g.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
@@ -113,41 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs at whose end the learning rate is divided by 10")
 
     g = p.add_argument_group("running")
-    g.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N")
+    cli.add_device_argument(g, default=d.device)
     g.add_argument("--cuda", nargs=0, action=_GoneCuda, help=argparse.SUPPRESS)
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
                    help="batch size of validation")
     g.add_argument("--test-batch-size", type=int, default=d.test_batch_size, metavar="N", help="batch size of the test")
     g.add_argument("--overwrite", action="store_true", help="let a new run replace the files at --save")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g.add_argument("--max-skipped-steps", type=int, default=d.max_skipped_steps, metavar="N",
+                   help="end the run as diverged after N steps in a row whose gradient norm is not "
+                        "finite (each such step is skipped)")
+    cli.add_output_arguments(g)
     return p
 
 
 def explicit_fields(argv: Optional[Sequence[str]]) -> FrozenSet[str]:
-    """The config fields set on the command line (parsed again with every default suppressed)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    return frozenset({_MODEL_FIELDS.get(k) or _TRAIN_FIELDS.get(k) for k in given} - {None})
+    """The settings given on the command line (see :func:`awd_nonnormal.cli.given_dests`)."""
+    return frozenset({_SETTINGS.get(k) for k in cli.given_dests(build_parser, argv)} - {None})
 
 
 def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig]:
-    init_params = {name: getattr(args, f"init_{name}") for name in ("alpha", "beta", "scale", "eps")
-                   if getattr(args, f"init_{name}") is not None}
     model = ModelConfig(
         rnn_type=args.model, emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
         dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti, dropoute=args.dropoute,
-        wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity, init=args.init,
-        init_params=init_params, init_zero_bias=args.init_zero_bias)
+        wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity,
+        init=init_options_from_args(args))
     train = TrainConfig(
         data=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         test_batch_size=args.test_batch_size, bptt=args.bptt, lr=args.lr, clip=args.clip,
         epochs=args.epochs, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         optimizer=args.optimizer, when=tuple(args.when), nonmono=args.nonmono, seed=args.seed,
         log_interval=args.log_interval, save=args.save or _default_save(), device=args.device,
-        init_plugins=tuple(args.init_plugins), progress=not args.no_progress, overwrite=args.overwrite)
+        max_skipped_steps=args.max_skipped_steps, progress=not args.no_progress,
+        overwrite=args.overwrite)
     return model, train
 
 
@@ -182,32 +168,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = explicit_fields(argv)
-    setup_logging(args.verbose)
+    cli.setup_logging(args.verbose)
 
-    def fail(message: str) -> None:  # argparse-style, one line, no usage block
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    for plugin in args.init_plugins:  # before the spec is checked: it may name their initializers
-        try:
-            load_plugin(plugin)
-        except Exception as exc:  # noqa: BLE001 - any failure of user code is a bad argument
-            fail(f"--init-plugin {plugin}: {type(exc).__name__}: {exc}")
-    try:
-        resolve_device(args.device)
+    def command() -> int:
         model_cfg, train_cfg = configs_from_args(args)
-        check_init(model_cfg)
-    except (InitSpecError, ValueError) as exc:
-        fail(str(exc))
-    try:
+        resolve_device(train_cfg.device)
+        if args.resume is None:  # a resumed run loads its model: it needs no initializer
+            check_init(model_cfg)
         result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
-    except (DataError, CheckpointError, InitSpecError, LMError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: aborted", file=sys.stderr)
-        return 130
-    print_summary(result)
-    return 0
+        print_summary(result)
+        return cli.EXIT_OK
+
+    return cli.run_command(PROG, command, interrupted="aborted")
 
 
 if __name__ == "__main__":

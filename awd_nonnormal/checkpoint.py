@@ -8,7 +8,7 @@ so a crash or Ctrl-C during a save leaves the previous checkpoint intact.
 Required keys (written by :func:`save_checkpoint`):
 
 ``format``   ``"awd-nonnormal"``, which marks the file as ours
-``version``  :data:`SCHEMA_VERSION`
+``version``  :data:`SCHEMA_VERSION` (2; version 1 is read too, see below)
 ``kind``     ``"lm"`` (language model) or ``"task"`` (synthetic task)
 ``arch``     ``{"rnn_type": "LSTM"|"GRU"|"RNN", "nonlinearity": str|None, ...}``, enough for
              analysis to interpret the recurrent weights without rebuilding the model
@@ -18,6 +18,12 @@ Required keys (written by :func:`save_checkpoint`):
 Usual optional keys: ``optimizer`` (state_dict), ``epoch``, ``best_val``, ``rng`` (see
 :func:`rng_state`), ``metrics``, ``initial_rnn`` (the recurrent layers' weights at initialisation,
 for before/after analysis) and ``vocab_fingerprint``.
+
+Versions: 2 holds the init options nested in the config (``config.init`` or
+``config.model.init`` = ``{"spec", "params", "zero_bias", "plugins"}``, see
+:class:`awd_nonnormal.init.InitOptions`) and the non-finite counters (``non_finite``); version 1
+held them flat (``init`` a spec string beside ``init_scale``/``init_params``...). Both load: the
+configs' ``from_dict`` read the flat keys.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ __all__ = ["FORMAT", "SCHEMA_VERSION", "KINDS", "CheckpointError", "save_checkpo
            "load_checkpoint", "atomic_write", "rng_state", "set_rng_state"]
 
 FORMAT = "awd-nonnormal"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The oldest version this code reads.
+OLDEST_VERSION = 1
 KINDS = ("lm", "task")
 _REQUIRED = ("format", "version", "kind", "arch", "config", "model")
 
@@ -123,6 +131,9 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(ckpt["version"], int) or ckpt["version"] < OLDEST_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt['version']!r} is not one this code "
+                              f"reads ({OLDEST_VERSION} to {SCHEMA_VERSION})")
     if ckpt["version"] > SCHEMA_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt['version']} is newer than this code "
                               f"understands ({SCHEMA_VERSION}); upgrade awd-nonnormal")

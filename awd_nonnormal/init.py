@@ -1,6 +1,6 @@
 """Per-gate initializers for recurrent layers, and the registry that names them.
 
-Conventions (SPEC section 1): PyTorch's recurrence ``h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``,
+Conventions: PyTorch's recurrence ``h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``,
 so ``W_hh[i, j]`` is the weight *from unit j to unit i*. Gate blocks are stacked on rows in
 PyTorch's order: LSTM ``i f g o``, GRU ``r z n``, vanilla RNN a single block ``h``.
 
@@ -29,7 +29,7 @@ A spec names what every block gets. It is a comma-separated list of entries:
 * ``input=NAME[:k=v...]``: every input block.
 
 For example ``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp`` (which is the ``mixed`` preset) or
-``orthogonal,g=chain``. The chain runs 0 -> 1 -> ... -> N-1 (SPEC section 2); the public port of
+``orthogonal,g=chain``. The chain runs 0 -> 1 -> ... -> N-1 (the paper's section 3.1.1); the public port of
 the paper's PyTorch code builds its transpose (``W[i, i+1]``), which this module does not repeat.
 """
 
@@ -42,12 +42,14 @@ import logging
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from .utils import parse_number
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ __all__ = [
     "register", "get", "available", "input_init_for", "gain_param",
     "chain_", "fbchain_", "identity_", "orthogonal_", "plain_", "ramp_", "source_", "normal_",
     "parse_spec", "plan", "apply_init", "recurrent_layers", "load_plugin", "load_entry_points",
+    "HH_PATTERN", "INIT_PARAMS", "InitOptions", "check_init", "add_init_arguments", "init_options_from_args",
 ]
 
 #: Gate names per cell type, in PyTorch's row order.
@@ -289,13 +292,7 @@ PRESETS: Dict[str, Callable[[str], Dict[str, GateInit]]] = {
 
 
 def _number(text: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InitSpecError(f"{where}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise InitSpecError(f"{where}: {text!r} is not a finite number")
-    return value
+    return parse_number(text, where, error=InitSpecError)
 
 
 def _accepted(name: str) -> List[str]:
@@ -439,7 +436,9 @@ def plan(spec: Union[str, InitSpec], cell: str, **params: float) -> Dict[str, Ga
 # Applying a plan to modules
 # --------------------------------------------------------------------------------------------
 
-_HH = re.compile(r"^(?P<prefix>(?:.*\.)?)weight_hh_l(?P<layer>\d+)(?P<suffix>(?:_reverse)?)(?P<raw>(?:_raw)?)$")
+#: The name of a recurrent weight in a module or state_dict (``rnns.0.weight_hh_l0``, a weight-drop
+#: wrapper's ``..._raw``, a bidirectional layer's ``..._reverse``); the one pattern of the project.
+HH_PATTERN = re.compile(r"^(?P<prefix>(?:.*\.)?)weight_hh_l(?P<layer>\d+)(?P<suffix>(?:_reverse)?)(?P<raw>(?:_raw)?)$")
 
 
 @dataclass
@@ -470,7 +469,7 @@ def recurrent_layers(tensors: Union[nn.Module, Mapping[str, Tensor]]) -> Iterato
     else:
         named = dict(tensors)
     for key, w_hh in named.items():
-        m = _HH.match(key)
+        m = HH_PATTERN.match(key)
         if not m:
             continue
         prefix, layer, suffix = m["prefix"], m["layer"], m["suffix"]
@@ -556,9 +555,9 @@ def load_plugin(target: str) -> None:
         sys.modules[mod_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is a bad plug-in
             del sys.modules[mod_name]
-            raise
+            raise InitSpecError(f"--init-plugin {target}: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             importlib.import_module(target)
@@ -584,3 +583,122 @@ def load_entry_points() -> None:
             ep.load()
         except Exception as exc:  # a broken plug-in must not break the registry
             logger.warning("init plug-in entry point %s failed to load: %s", ep.name, exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Init options: what every config holds, and their command-line flags
+# --------------------------------------------------------------------------------------------
+
+#: The initializer parameters a user may give on the command line (``--init-alpha`` etc.).
+#: ``scale`` is the generic gain: :func:`gain_param` says which parameter it sets for each
+#: initializer (the one place that mapping lives).
+INIT_PARAMS = ("alpha", "beta", "scale", "eps")
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """How the recurrent layers are initialised, held by every config that builds them.
+
+    Attributes:
+        spec: a name, preset or per-gate spec (see the module docstring).
+        params: parameters given for every initializer that takes them (keys in
+            :data:`INIT_PARAMS`); absent keys keep each initializer's own default.
+        zero_bias: set the recurrent biases to 0.
+        plugins: modules or ``.py`` files to import first (they register initializers).
+    """
+
+    spec: str = "plain"
+    params: Mapping[str, float] = field(default_factory=dict)
+    zero_bias: bool = False
+    plugins: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise InitSpecError(f"init spec must be a non-empty string, got {self.spec!r}")
+        unknown = set(self.params) - set(INIT_PARAMS)
+        if unknown:
+            raise InitSpecError(f"unknown init parameter(s) {', '.join(sorted(unknown))}; "
+                                f"valid: {', '.join(INIT_PARAMS)}")
+        params = {}
+        for k in INIT_PARAMS:
+            if k in self.params and self.params[k] is not None:
+                params[k] = _number(str(self.params[k]), f"--init-{k}")
+        # A plain dict (not a mapping proxy) so that dataclasses.asdict and torch.save keep it.
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "zero_bias", bool(self.zero_bias))
+        object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"spec": self.spec, "params": dict(self.params), "zero_bias": self.zero_bias,
+                "plugins": list(self.plugins)}
+
+    @classmethod
+    def from_dict(cls, d: Union["InitOptions", str, Mapping[str, Any]]) -> "InitOptions":
+        """From :meth:`to_dict`, an InitOptions, or a bare spec string."""
+        if isinstance(d, InitOptions):
+            return d
+        if isinstance(d, str):
+            return cls(spec=d)
+        return cls(spec=d.get("spec", "plain"), params=dict(d.get("params") or {}),
+                   zero_bias=bool(d.get("zero_bias", False)), plugins=tuple(d.get("plugins") or ()))
+
+    def without_plugins(self) -> "InitOptions":
+        return replace(self, plugins=())
+
+    def load_plugins(self) -> None:
+        for plugin in self.plugins:
+            load_plugin(plugin)
+
+    def is_pytorch_default(self) -> bool:
+        """``plain`` without parameters and biases: exactly what a layer's constructor drew."""
+        return self.spec.strip() == "plain" and not self.params and not self.zero_bias
+
+    def apply(self, module: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+        """:func:`apply_init` with these options (plug-ins must be loaded)."""
+        return apply_init(module, self.spec, zero_bias=self.zero_bias, generator=generator, **self.params)
+
+
+def check_init(options: InitOptions, cell: str, load: bool = True) -> None:
+    """Load the plug-ins (with ``load``) and resolve the spec for ``cell`` (``RNN``, ``LSTM``,
+    ``GRU``), so that a bad spec fails at start-up with :class:`InitSpecError` naming the valid
+    choices."""
+    if load:
+        options.load_plugins()
+    plan(options.spec, cell, **options.params)
+
+
+def add_init_arguments(parser, *, default_spec: Optional[str] = None, shown_default: str = "plain",
+                       zero_bias_flag: bool = True,
+                       gain_help: str = "the gain of every initializer that has one "
+                                        "(alpha of the chains, lambda of identity/orthogonal)"):
+    """The init flags as one argparse group: ``--init``, ``--init-alpha``, ``--init-beta``,
+    ``--init-scale``, ``--init-eps``, ``--init-plugin`` (repeatable) and, with ``zero_bias_flag``,
+    ``--init-zero-bias``. ``--init`` defaults to ``default_spec`` (None: not given, which a caller
+    reads as ``shown_default``); every other value defaults to None (not given). Returns the group."""
+    g = parser.add_argument_group("initialisation of the recurrent layers")
+    g.add_argument("--init", default=default_spec, metavar="NAME|SPEC",
+                   help="initializer or per-gate spec, e.g. chain, fbchain, identity, orthogonal, "
+                        "mixed, 'i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp'; plain is PyTorch's "
+                        "default" + ("" if default_spec else f" (default: {shown_default})"))
+    g.add_argument("--init-alpha", type=float, default=None,
+                   help="chain/fbchain feed-forward weight alpha (default: the initializer's own)")
+    g.add_argument("--init-beta", type=float, default=None,
+                   help="fbchain feedback weight beta (default: its own, 0.04)")
+    g.add_argument("--init-scale", type=float, default=None, help=gain_help)
+    g.add_argument("--init-eps", type=float, default=None, help="ramp slope eps (default: its own, 0.01)")
+    g.add_argument("--init-plugin", dest="init_plugins", action="append", default=None,
+                   metavar="MODULE|FILE.py",
+                   help="import an initializer plug-in (module name or .py file) first; repeatable")
+    if zero_bias_flag:
+        g.add_argument("--init-zero-bias", action="store_true", default=None,
+                       help="set the recurrent biases to 0")
+    return g
+
+
+def init_options_from_args(args, *, default_spec: str = "plain", zero_bias: bool = False) -> InitOptions:
+    """The :class:`InitOptions` of parsed :func:`add_init_arguments` flags."""
+    params = {k: getattr(args, f"init_{k}") for k in INIT_PARAMS if getattr(args, f"init_{k}", None) is not None}
+    zb = getattr(args, "init_zero_bias", None)
+    return InitOptions(spec=args.init or default_spec, params=params,
+                       zero_bias=zero_bias if zb is None else bool(zb),
+                       plugins=tuple(args.init_plugins or ()))

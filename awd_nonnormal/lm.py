@@ -33,14 +33,15 @@ when it switches to ASGD; ASGD starts from the current learning rate (the refere
 ``--lr``, undoing ``--when`` divisions made before the switch); evaluation losses are averages over
 exactly the predicted tokens (the reference divided by one more row); the learning-rate scaling
 uses the batch's actual length (shorter at the end of the data); the training loss in the metrics is
-averaged over tokens rather than batches; a non-finite loss stops the run instead of training on.
+averaged over tokens rather than batches; non-finite values follow the one policy of
+:mod:`awd_nonnormal.runs` (a non-finite gradient norm skips the step; ``max_skipped_steps`` of
+those in a row or a non-finite loss end the run as diverged) instead of training on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -52,11 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
-from .init import load_plugin
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
-from .utils import GracefulInterrupt, resolve_device, seed_everything
+from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
+                   RunExistsError, check_resume)
+from .utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ OPTIMIZERS = ("sgd", "adam")
 #: is taken from the checkpoint; giving a different value on the command line is an error.
 RESUMABLE_CHANGES = frozenset({
     "epochs", "when", "nonmono", "log_interval", "save", "device", "eval_batch_size",
-    "test_batch_size", "progress", "overwrite", "data", "init_plugins",
+    "test_batch_size", "progress", "overwrite", "data", "max_skipped_steps", "init.plugins",
 })
 
 LN2 = math.log(2.0)
@@ -84,16 +86,13 @@ class LMError(RuntimeError):
     """A language-model run cannot start or go on; the message says why."""
 
 
-class ResumeError(LMError):
+class ResumeError(LMError, ResumeConflict):
     """``--resume`` names a checkpoint that cannot continue with the given settings."""
 
 
-class RunExistsError(LMError):
-    """A new run would overwrite the files of another run."""
-
-
-class NonFiniteLossError(LMError):
-    """The training or validation loss became NaN or infinite."""
+class NonFiniteLossError(LMError, Diverged):
+    """The run diverged (:mod:`awd_nonnormal.runs`): a non-finite loss, or ``max_skipped_steps``
+    gradient norms in a row that were not finite."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,8 @@ class TrainConfig:
         log_interval: batches between log lines.
         save: path of the best-model checkpoint; the other files of the run go beside it.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        init_plugins: initializer plug-ins to import (module names or ``.py`` files).
+        max_skipped_steps: steps in a row whose gradient norm is not finite (each skipped, see
+            :mod:`awd_nonnormal.runs`) after which the run ends as diverged.
         progress: show a tqdm progress bar over the batches.
         overwrite: allow a new run to replace existing files at ``save``.
     """
@@ -137,14 +137,15 @@ class TrainConfig:
     log_interval: int = 200
     save: str = "model.pt"
     device: str = "auto"
-    init_plugins: Tuple[str, ...] = ()
+    max_skipped_steps: int = 100
     progress: bool = True
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
-        for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "log_interval"):
+        for name in ("batch_size", "eval_batch_size", "test_batch_size", "bptt", "log_interval",
+                     "max_skipped_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -159,15 +160,17 @@ class TrainConfig:
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         object.__setattr__(self, "when", tuple(int(e) for e in self.when))
-        object.__setattr__(self, "init_plugins", tuple(str(p) for p in self.init_plugins))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["when"], d["init_plugins"] = list(self.when), list(self.init_plugins)
+        d["when"] = list(self.when)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Rebuild from :meth:`to_dict`. Schema-1 checkpoints held ``init_plugins`` here (now in
+        the model config's :class:`~awd_nonnormal.init.InitOptions`); it is dropped."""
+        d = {k: v for k, v in d.items() if k != "init_plugins"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -342,6 +345,8 @@ class Trainer:
         self.train_data = batchify(corpus.train, train_cfg.batch_size, device)  # (rows, B)
         self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
         self.state = _State()
+        self.guard = NonFiniteGuard(train_cfg.max_skipped_steps)
+        self.metrics_log = MetricsLog(paths.metrics)
         self.interrupts = GracefulInterrupt()
         n_params = sum(p.numel() for p in self.params)
         logger.info("model: %s, %d parameters; %d training tokens per epoch (%d rows x %d)",
@@ -357,6 +362,7 @@ class Trainer:
             "initial_rnn": self.initial_rnn,
             "vocab_fingerprint": self.corpus.fingerprint,
             "metrics": list(self.state.metrics),
+            "non_finite": self.guard.state(),
         }
 
     def _save_model(self, path: Path, role: str, epoch: int, val_loss: float,
@@ -401,6 +407,7 @@ class Trainer:
         st.best_epoch = int(ckpt["best_epoch"])
         st.val_history = [float(v) for v in ckpt["val_history"]]
         st.metrics = [dict(m) for m in ckpt["metrics"]]
+        self.guard.load(ckpt.get("non_finite"))
         position = ckpt.get("position")
         if position:
             st.epoch, st.pos, st.batch = int(position["epoch"]), int(position["pos"]), int(position["batch"])
@@ -417,8 +424,7 @@ class Trainer:
 
     def write_metrics_file(self) -> None:
         """Rewrite the metrics file from the state (on resume: the checkpoint is the truth)."""
-        text = "".join(json.dumps(m) + "\n" for m in self.state.metrics)
-        atomic_write(self.paths.metrics, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self.metrics_log.reset(self.state.metrics)
 
     # ------------------------------------------------------------------ training
 
@@ -463,18 +469,20 @@ class Trainer:
                 raw_loss = self._loss(logits, targets)
                 loss = raw_loss + activation_regularization(raw_outputs[-1], outputs[-1], cfg.alpha, cfg.beta)
                 loss.backward()
-                checks = [raw_loss.detach(), loss.detach()]
-                if cfg.clip:
-                    checks.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip))
-                values = torch.stack([c.float() for c in checks]).tolist()  # one sync per batch
-                bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-                if bad:
-                    what = ("training loss", "training loss with AR/TAR", "gradient norm")[bad[0]]
-                    raise NonFiniteLossError(
-                        f"{what} is {values[bad[0]]} at epoch {st.epoch}, batch {st.batch + 1} "
-                        f"(lr {lr:g}): stopping. This batch's update was not applied; "
-                        f"{self._kept()}. Try a smaller --lr or --clip.")
-                self.optimizer.step()
+                # the norm of all gradients (clipped to --clip; measured only without a clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip or math.inf)
+                values = torch.stack([raw_loss.detach().float(), loss.detach().float(),
+                                      norm.float()]).tolist()  # one sync per batch
+                where = f"epoch {st.epoch}, batch {st.batch + 1} (lr {lr:g})"
+                try:
+                    self.guard.check_loss(values[0], "training loss", where)
+                    self.guard.check_loss(values[1], "training loss with AR/TAR", where)
+                    step = self.guard.allow_step(values[2], where)
+                except Diverged as exc:
+                    raise NonFiniteLossError(f"{exc}: stopping. This batch's update was not applied; "
+                                             f"{self._kept()}. Try a smaller --lr or --clip.") from None
+                if step:
+                    self.optimizer.step()
             finally:
                 group["lr"] = lr
             # commit the batch
@@ -509,9 +517,10 @@ class Trainer:
         with averaged_weights(self.optimizer):  # under ASGD, validate and keep the averaged weights
             val_loss = evaluate(self.model, self.val_data, cfg.eval_batch_size, cfg.bptt,
                                 check=self.check_interrupt)
-            if not math.isfinite(val_loss):
-                raise NonFiniteLossError(f"validation loss is {val_loss} after epoch {epoch}: stopping; "
-                                         f"{self._kept()}.")
+            try:
+                self.guard.check_loss(val_loss, "validation loss", f"the end of epoch {epoch}")
+            except Diverged as exc:
+                raise NonFiniteLossError(f"{exc}: stopping; {self._kept()}.") from None
             u = loss_units(val_loss)
             train_loss = st.loss_sum / max(st.tokens, 1)
             record = {
@@ -548,8 +557,7 @@ class Trainer:
         st.loss_sum, st.tokens, st.train_time = 0.0, 0, 0.0
         st.at_boundary = True
         self.save_latest(mid_epoch=False)
-        with open(self.paths.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.metrics_log.append(record)
 
     def fit(self) -> Tuple[bool, Optional[str]]:
         """Train from the current state to ``epochs``. Returns ``(interrupted, where)``: after a
@@ -588,11 +596,22 @@ class Trainer:
 # ---------------------------------------------------------------------- running
 
 
+def _flat_settings(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Dict[str, Any]:
+    """Both configs as one mapping of setting names (the init options as ``init.spec``,
+    ``init.params``, ``init.zero_bias``, ``init.plugins``): the names of ``explicit``."""
+    flat = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ModelConfig)
+            if f.name not in ("ntoken", "init")}
+    flat.update({f"init.{k}": v for k, v in model_cfg.init.to_dict().items()})
+    flat.update({f.name: getattr(train_cfg, f.name) for f in dataclasses.fields(TrainConfig)})
+    return flat
+
+
 def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig,
                         explicit: FrozenSet[str], where: str = "checkpoint") -> Tuple[ModelConfig, TrainConfig]:
     """The configs of a resumed run: the checkpoint's, with the explicitly given
-    :data:`RESUMABLE_CHANGES` applied. ``explicit`` names the config fields the user set (on the
-    command line). Any other explicit field that differs from the checkpoint is a ResumeError.
+    :data:`RESUMABLE_CHANGES` applied (:func:`awd_nonnormal.runs.check_resume`). ``explicit``
+    names the settings the user set (see :func:`_flat_settings`); any other explicit setting that
+    differs from the checkpoint is a ResumeError.
 
     Unless ``save`` is explicit, the run goes on writing beside the checkpoint ``where``
     (``DIR/NAME.latest.pt`` -> ``DIR/NAME.pt``), so a moved run folder keeps working."""
@@ -602,30 +621,20 @@ def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_c
     except (KeyError, TypeError, ValueError) as exc:
         raise ResumeError(f"{where}: not a language-model run of this code (its config cannot be "
                           f"read: {exc})") from None
-    conflicts, updates = [], {}
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in explicit and f.name != "ntoken":
-            new, old = getattr(model_cfg, f.name), getattr(saved_model, f.name)
-            if new != old:
-                conflicts.append(f"{f.name} {new!r} (the checkpoint has {old!r})")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in explicit:
-            new, old = getattr(train_cfg, f.name), getattr(saved_train, f.name)
-            if new == old:
-                continue
-            if f.name in RESUMABLE_CHANGES:
-                updates[f.name] = new
-            else:
-                conflicts.append(f"{f.name} {new!r} (the checkpoint has {old!r})")
-    if conflicts:
-        raise ResumeError(
-            f"cannot resume {where} with different settings: {'; '.join(conflicts)}. A resumed run "
-            f"keeps the model and optimisation settings of its checkpoint; only "
-            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change. Start a new run (without --resume) "
-            f"to change the others.")
+    given = _flat_settings(model_cfg, train_cfg)
+    wanted = {k: v for k, v in given.items() if k in explicit}
+    try:
+        merged = check_resume(_flat_settings(saved_model, saved_train), wanted, RESUMABLE_CHANGES,
+                              where=where, flag=lambda name: name, source="the checkpoint")
+    except ResumeConflict as exc:
+        raise ResumeError(f"{exc}. A resumed run keeps the model and optimisation settings of its "
+                          f"checkpoint; start a new run (without --resume) to change the "
+                          f"others.") from None
+    updates = {f.name: merged[f.name] for f in dataclasses.fields(TrainConfig)}
     if "save" not in explicit and where.endswith(".latest.pt"):
         updates["save"] = where[:-len(".latest.pt")] + ".pt"
-    return saved_model, dataclasses.replace(saved_train, **updates)
+    init = dataclasses.replace(saved_model.init, plugins=tuple(merged["init.plugins"]))
+    return dataclasses.replace(saved_model, init=init), TrainConfig(**updates)
 
 
 def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> Tuple[float, float, int]:
@@ -667,8 +676,6 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
                               f"{ckpt.get('role')!r}), so it cannot be resumed{hint}")
         model_cfg, train_cfg = merge_resume_config(ckpt, model_cfg, train_cfg, explicit, where=str(resume))
     if ckpt is None:  # a resumed model is loaded, not initialised: it needs no plug-in
-        for plugin in train_cfg.init_plugins:
-            load_plugin(plugin)
         check_init(model_cfg)
     try:
         device = resolve_device(train_cfg.device)

@@ -30,16 +30,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .init import apply_init, plan
+from .init import InitOptions
+from .init import check_init as _check_init
 from .regularize import LockedDropout, WeightDrop, embedded_dropout
 from .rnn import NONLINEARITIES, RNN_TYPES, build_rnn, init_hidden
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelConfig", "RNNModel", "Hidden", "repackage_hidden", "check_init", "INIT_PARAMS"]
-
-#: The initializer parameters a user may give on the command line (``--init-alpha`` etc.).
-INIT_PARAMS = ("alpha", "beta", "scale", "eps")
+__all__ = ["ModelConfig", "RNNModel", "Hidden", "repackage_hidden", "check_init"]
 
 #: One layer's state: ``(h, c)`` for an LSTM, ``h`` otherwise, each (1, B, N).
 LayerHidden = Union[Tensor, Tuple[Tensor, Tensor]]
@@ -65,11 +63,9 @@ class ModelConfig:
         tied: tie the decoder weight to the embedding (Inan et al. 2017; Press & Wolf 2017).
         nonlinearity: activation of a vanilla RNN (``tanh``, ``relu``, ``elu``, ``linear``);
             ignored by LSTM and GRU.
-        init: initializer spec for every recurrent layer: a name or preset (``plain``, ``chain``,
-            ``mixed``, ...) or a per-gate spec (``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp``).
-        init_params: the initializer parameters given by the user (subset of
-            :data:`INIT_PARAMS`); absent keys keep each initializer's own default.
-        init_zero_bias: set the recurrent biases to 0 (else PyTorch's default biases stay).
+        init: the :class:`~awd_nonnormal.init.InitOptions` of every recurrent layer (spec such as
+            ``plain``, ``chain``, ``mixed`` or ``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp``,
+            parameters, zero biases, plug-ins). A plain string is taken as the spec.
     """
 
     rnn_type: str = "LSTM"
@@ -84,9 +80,7 @@ class ModelConfig:
     wdrop: float = 0.5
     tied: bool = True
     nonlinearity: str = "tanh"
-    init: str = "plain"
-    init_params: Dict[str, float] = field(default_factory=dict)
-    init_zero_bias: bool = False
+    init: InitOptions = field(default_factory=InitOptions)
 
     def __post_init__(self) -> None:
         if self.rnn_type not in RNN_TYPES:
@@ -104,12 +98,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        unknown = set(self.init_params) - set(INIT_PARAMS)
-        if unknown:
-            raise ValueError(f"unknown init parameter(s) {', '.join(sorted(unknown))}; "
-                             f"valid: {', '.join(INIT_PARAMS)}")
-        # A plain dict (not a mapping proxy) so that dataclasses.asdict and torch.save keep it.
-        object.__setattr__(self, "init_params", {k: float(v) for k, v in self.init_params.items()})
+        object.__setattr__(self, "init", InitOptions.from_dict(self.init))
 
     @property
     def hidden_sizes(self) -> List[int]:
@@ -123,30 +112,30 @@ class ModelConfig:
         return [self.emsize] + self.hidden_sizes[:-1]
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["init"] = self.init.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are an error (a checkpoint of other code)."""
+        """Rebuild from :meth:`to_dict`; unknown keys are an error (a checkpoint of other code).
+        Checkpoints of schema 1 held the init options flat (``init`` a spec string,
+        ``init_params``, ``init_zero_bias``): they are read into :class:`InitOptions`."""
+        d = dict(d)
+        if isinstance(d.get("init"), str) or "init_params" in d or "init_zero_bias" in d:
+            d["init"] = InitOptions(spec=d.get("init", "plain"), params=d.pop("init_params", None) or {},
+                                    zero_bias=d.pop("init_zero_bias", False))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"model config holds unknown key(s): {', '.join(sorted(unknown))}")
-        return cls(**dict(d))
+        return cls(**d)
 
 
 def check_init(config: ModelConfig) -> None:
-    """Resolve the config's init spec for its cell type, so that a bad spec fails at start-up.
-
-    Raises :class:`~awd_nonnormal.init.InitSpecError` (a ``ValueError``) naming the valid choices.
-    Plug-ins that the spec uses must be loaded before.
-    """
-    plan(config.init, config.rnn_type, **config.init_params)
-
-
-def _is_pytorch_default(config: ModelConfig) -> bool:
-    """``plain`` without parameters is exactly what the layer's constructor already drew."""
-    return config.init.strip() == "plain" and not config.init_params
+    """Load the config's init plug-ins and resolve its spec for its cell type, so that a bad spec
+    fails at start-up (:func:`awd_nonnormal.init.check_init`)."""
+    _check_init(config.init, config.rnn_type)
 
 
 def repackage_hidden(h):
@@ -179,14 +168,15 @@ class RNNModel(nn.Module):
         layers = []
         for l, (n_in, n_hid) in enumerate(zip(c.input_sizes, c.hidden_sizes)):
             layer = build_rnn(c.rnn_type, n_in, n_hid, 1, nonlinearity=c.nonlinearity)
-            if initialize and (not _is_pytorch_default(c) or c.init_zero_bias):
-                if _is_pytorch_default(c):  # keep the constructor's draws, zero the biases only
+            if initialize and not c.init.is_pytorch_default():
+                if c.init.without_plugins() == InitOptions(zero_bias=True):
+                    # keep the constructor's draws, zero the biases only
                     with torch.no_grad():
                         for name, p in layer.named_parameters():
                             if name.startswith("bias"):
                                 p.zero_()
                 else:
-                    apply_init(layer, c.init, zero_bias=c.init_zero_bias, **c.init_params)
+                    c.init.apply(layer)
             if c.wdrop > 0:
                 layer = WeightDrop(layer, c.wdrop)
             layers.append(layer)
@@ -251,7 +241,7 @@ class RNNModel(nn.Module):
                 for n in self.config.hidden_sizes]
 
     def arch(self) -> Dict[str, Any]:
-        """The checkpoint's ``arch`` entry (CONVENTIONS.md)."""
+        """The checkpoint's ``arch`` entry (see :mod:`awd_nonnormal.checkpoint`)."""
         c = self.config
         return {"rnn_type": c.rnn_type,
                 "nonlinearity": c.nonlinearity if c.rnn_type == "RNN" else None,
@@ -273,4 +263,4 @@ class RNNModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"init={c.init!r}, init_params={c.init_params}"
+        return f"init={c.init.spec!r}, init_params={c.init.params}"

@@ -18,8 +18,8 @@ from torch import nn
 from awd_nonnormal import lm
 from awd_nonnormal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from awd_nonnormal.data import DataError
-from awd_nonnormal.utils import GracefulInterrupt
-from awd_nonnormal.init import recurrent_layers
+from awd_nonnormal.runs import GracefulInterrupt
+from awd_nonnormal.init import InitOptions, recurrent_layers
 from awd_nonnormal.lm import (NonFiniteLossError, ResumeError, RunExistsError, TrainConfig, RunPaths,
                               activation_regularization, averaged_weights, loss_units, run,
                               should_switch_to_asgd)
@@ -58,6 +58,8 @@ def configs(tmp_path, corpus, name="run", model=None, **train):
     m = dict(rnn_type="LSTM", emsize=8, nhid=16, nlayers=2, dropout=0.2, dropouth=0.2,
              dropouti=0.2, dropoute=0.1, wdrop=0.2)
     m.update(model or {})
+    m["init"] = InitOptions(m.pop("init", "plain"), m.pop("init_params", {}),
+                            plugins=train.pop("init_plugins", ()))
     t = dict(data=corpus, batch_size=4, eval_batch_size=2, test_batch_size=2, bptt=8, lr=30.0,
              epochs=1, save=str(tmp_path / name / "model.pt"), progress=False, log_interval=1000)
     t.update(train)
@@ -496,7 +498,7 @@ def test_nan_exits_nonzero_from_main(tmp_path, corpus, monkeypatch, capsys):
     save = tmp_path / "nan" / "model.pt"
     rc = main.main(_tiny_argv(corpus, save))
     err = capsys.readouterr().err
-    assert rc == 1 and "epoch 1, batch 2" in err
+    assert rc == 4 and "epoch 1, batch 2" in err  # diverged (awd_nonnormal.cli.EXIT_DIVERGED)
     assert not save.exists() and not save.with_name("model.latest.pt").exists()
 
 
@@ -507,6 +509,14 @@ def _load_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _exit_code(main, argv):
+    """main(argv)'s exit status, returned or raised by argparse as SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def _tiny_argv(corpus, save, *extra):
@@ -525,13 +535,15 @@ def test_cli_flags_defaults_and_explicit_fields():
                wdecay=1.2e-6, optimizer="sgd", when=[-1], tied=True, resume=None, device="auto",
                init="plain")
     assert {k: getattr(args, k) for k in awd} == awd
-    assert m.init_params == {} and t.save.startswith("runs") and t.save.endswith("model.pt")
+    assert m.init.params == {} and t.save.startswith("runs") and t.save.endswith("model.pt")
     args = main.build_parser().parse_args(["--no-tied", "--init-alpha", "1.02", "--init-plugin", "a",
                                            "--init-plugin", "b", "--when", "3", "5"])
     m, t = main.configs_from_args(args)
-    assert not m.tied and m.init_params == {"alpha": 1.02} and t.init_plugins == ("a", "b") and t.when == (3, 5)
+    assert not m.tied and m.init.params == {"alpha": 1.02} and m.init.plugins == ("a", "b") and t.when == (3, 5)
     assert main.explicit_fields(["--epochs", "3", "--init-beta", "0.1", "--no-progress", "--model", "GRU"]) \
-        == {"epochs", "init_params", "progress", "rnn_type"}
+        == {"epochs", "init.params", "progress", "rnn_type"}
+    # a value equal to its default still counts as given (it must agree with a resumed run)
+    assert main.explicit_fields(["--nlayers", "3", "-v", "--init-plugin", "a"]) == {"nlayers", "init.plugins"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -545,9 +557,7 @@ def test_cli_flags_defaults_and_explicit_fields():
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     main = _load_main()
-    with pytest.raises(SystemExit) as exc:
-        main.main(argv + ["--save", str(tmp_path / "x" / "model.pt")])
-    assert exc.value.code == 2
+    assert _exit_code(main.main, argv + ["--save", str(tmp_path / "x" / "model.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
@@ -555,9 +565,8 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_cuda_on_a_cpu_machine(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        _load_main().main(["--device", "cuda"])
-    assert exc.value.code == 2 and "--device cpu" in capsys.readouterr().err
+    assert _exit_code(_load_main().main, ["--device", "cuda"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
 
 
 def test_main_end_to_end_subprocess(tmp_path, corpus):

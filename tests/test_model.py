@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from awd_nonnormal.checkpoint import load_checkpoint, save_checkpoint
-from awd_nonnormal.init import GATES, InitSpecError, recurrent_layers
+from awd_nonnormal.init import GATES, InitOptions, InitSpecError, recurrent_layers
 from awd_nonnormal.model import ModelConfig, RNNModel, check_init, repackage_hidden
 from awd_nonnormal.regularize import WeightDrop
 
@@ -16,7 +16,9 @@ T, B = 7, 3
 
 
 def cfg(**kw):
-    base = dict(rnn_type="LSTM", ntoken=V, emsize=E, nhid=H, nlayers=3)
+    """A small config; ``init``, ``init_params`` and ``init_zero_bias`` make its InitOptions."""
+    init = InitOptions(kw.pop("init", "plain"), kw.pop("init_params", {}), kw.pop("init_zero_bias", False))
+    base = dict(rnn_type="LSTM", ntoken=V, emsize=E, nhid=H, nlayers=3, init=init)
     base.update(kw)
     return ModelConfig(**base)
 
