@@ -9,41 +9,38 @@
     python -m awd_nonnormal.tasks sweep --task copy --models chain,fbchain,identity,orthogonal \\
         --out runs/copy-sweep --workers 2
 
-Errors in the arguments print one line and exit with status 2; Ctrl-C saves the running
-checkpoints and exits with status 130 (run the same command again to continue).
+Errors print one line and exit with the status of :data:`awd_nonnormal.cli.EXIT_CODES` (2 for a
+bad argument, 1 for a missing or unreadable file, 3 for an output folder that holds another run,
+4 for a run that diverged); Ctrl-C saves the running checkpoints and exits with status 130 (run
+the same command again to continue).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..init import InitSpecError
-from ..utils import DEVICES, setup_logging
+from .. import cli
+from ..init import INIT_PARAMS, add_init_arguments
+from ..runs import check_resume
 from . import data as D
 from . import sweep as S
 from . import train as T
 
+PROG = "python -m awd_nonnormal.tasks"
 SUBCOMMANDS = ("train", "sweep")
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_USAGE = cli.EXIT_USAGE
+EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
+
+cli.register_data_error(D.IDXError)
 
 # TaskConfig fields set by the shared task options (argparse dest -> config field).
 _TASK_FIELDS = ("task", "T", "hidden", "nonlinearity", "n_train", "n_val", "epochs", "batch_size",
                 "clip", "clip_mode", "stop_loss", "copy_layout", "perm_seed", "mnist_val")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_task_options(p: argparse.ArgumentParser) -> None:
@@ -75,11 +72,9 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mnist-val", choices=T.MNIST_VALIDATION,
                    help="psMNIST validation set: 'test' = the t10k split (the paper's Keras code, "
                    "default) or 'holdout' = the last --n-val training images")
-    g.add_argument("--init-plugin", action="append", dest="init_plugins", metavar="MODULE|FILE.py",
-                   help="import a module or file that registers initializers (repeatable)")
 
     r = p.add_argument_group("running")
-    r.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    cli.add_device_argument(r)
     r.add_argument("--mnist-dir", default="data/mnist",
                    help="folder of the MNIST IDX files, .gz or raw (default: data/mnist)")
     r.add_argument("--eval-batch-size", type=int, default=500,
@@ -87,12 +82,11 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (default 1: these small matrices gain "
                    "nothing from more; 0 = torch's default)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cli.add_output_arguments(r)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m awd_nonnormal.tasks",
+    parser = cli.Parser(prog=PROG,
                      description="Synthetic long-memory tasks of Orhan & Pitkow (ICLR 2020): "
                      "copy, addition, psMNIST. Without a subcommand, 'train' is assumed.")
     sub = parser.add_subparsers(dest="command", metavar="{train,sweep}")
@@ -100,13 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one model (default)", description="Train one "
                         "model on one task. A run folder that holds the same config is finished "
                         "(nothing is redone) or continued from its checkpoint.")
-    tr.add_argument("--init", help="init spec, e.g. chain, fbchain, identity, orthogonal, plain, "
-                    "'chain:alpha=1.02' (default: chain)")
-    tr.add_argument("--init-scale", type=float, help="the initializer's gain: alpha of "
-                    "chain/fbchain, lambda of identity/orthogonal")
-    tr.add_argument("--init-alpha", type=float, help="chain/fbchain feed-forward weight")
-    tr.add_argument("--init-beta", type=float, help="fbchain feedback weight")
-    tr.add_argument("--init-eps", type=float, help="ramp slope")
+    add_init_arguments(tr, shown_default="chain", zero_bias_flag=False,
+                       gain_help="the initializer's gain: alpha of chain/fbchain, lambda of "
+                                 "identity/orthogonal")
     tr.add_argument("--lr", type=float, help="RMSprop learning rate (default 1e-4)")
     tr.add_argument("--seed", type=int, help="run seed: weights, data and shuffling (default 1)")
     tr.add_argument("--out", help="run folder (default: runs/tasks/<task>-<init>-lr<lr>-seed<seed>-<hash>)")
@@ -135,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="best config by the seeds' mean final (default) or minimum validation loss")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")
     sw.add_argument("--summarize", action="store_true", help="only summarise the finished runs")
+    sw.add_argument("--init-plugin", action="append", dest="init_plugins", metavar="MODULE|FILE.py",
+                    help="import a module or file that registers initializers (repeatable)")
     _add_task_options(sw)
     return parser
 
@@ -148,10 +140,13 @@ def _normalise_argv(argv: Sequence[str]) -> List[str]:
 
 
 def _task_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The task settings the user gave (None = not given)."""
+    """The task settings the user gave (None = not given), in the flat form of
+    :func:`~.train.flat_config` (a numeric ``--perm-seed`` as an int)."""
     kw = {f: getattr(args, f) for f in _TASK_FIELDS if getattr(args, f) is not None}
+    if isinstance(kw.get("perm_seed"), str) and kw["perm_seed"].strip().isdigit():
+        kw["perm_seed"] = int(kw["perm_seed"])
     if args.init_plugins:
-        kw["init_plugins"] = tuple(args.init_plugins)
+        kw["init_plugins"] = list(args.init_plugins)
     return kw
 
 
@@ -171,7 +166,7 @@ def _set_threads(n: int) -> None:
 
 def _train_config(args: argparse.Namespace) -> tuple:
     kw = _task_kwargs(args)
-    for name in ("init", "lr", "seed", "init_scale", "init_alpha", "init_beta", "init_eps"):
+    for name in ("init", "lr", "seed") + tuple(f"init_{k}" for k in INIT_PARAMS):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.resume:
@@ -180,17 +175,12 @@ def _train_config(args: argparse.Namespace) -> tuple:
         stored = T.stored_config(args.out)
         if stored is None:
             raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
-        config = T.make_config(**{k: v for k, v in stored.items()})
-        new_epochs = kw.pop("epochs") if kw.get("epochs", stored.get("epochs")) != stored.get("epochs") else None
-        mismatch = [f"--{k.replace('_', '-')} {v!r} (run has {stored.get(k)!r})"
-                    for k, v in kw.items() if k in stored and
-                    json.loads(json.dumps(v)) != stored.get(k) and
-                    not (k == "perm_seed" and str(v) == str(stored.get(k)))]
-        if mismatch:
-            raise T.TaskError("--resume continues the saved run with its own config; these flags "
-                              "disagree with it: " + ", ".join(mismatch))
-        if new_epochs is not None:  # a larger --epochs extends the run, finished or not
-            config = T.extend_run(args.out, new_epochs)
+        config = T.config_from_dict(stored)
+        # a larger --epochs extends the run, finished or not
+        merged = check_resume(T.flat_config(config), kw, may_change={"epochs"},
+                              where=f"the run in {args.out}")
+        if merged["epochs"] != config.epochs:
+            config = T.extend_run(args.out, merged["epochs"])
         return config, Path(args.out)
     config = T.make_config(**kw)
     out = Path(args.out) if args.out else Path("runs") / "tasks" / T.run_name(config)
@@ -223,7 +213,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     outcome = T.train(config, out, _options(args, progress=not args.no_progress))
     _print_run_summary(outcome)
-    return 0
+    return cli.EXIT_DIVERGED if outcome.result.get("status") == "diverged" else cli.EXIT_OK
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -253,18 +243,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
-    setup_logging(args.verbose)
-    try:
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        return _cmd_train(args)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; checkpoints are saved; run the same command again "
-              "to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (T.TaskError, InitSpecError, D.IDXError, CheckpointError, S.GridError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    cli.setup_logging(args.verbose)
+    command = _cmd_sweep if args.command == "sweep" else _cmd_train
+    return cli.run_command(PROG, lambda: command(args),
+                           interrupted="interrupted; checkpoints are saved; run the same command "
+                                       "again to continue")
 
 
 if __name__ == "__main__":

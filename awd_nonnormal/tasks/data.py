@@ -1,4 +1,4 @@
-"""Data of the synthetic long-memory tasks (Orhan & Pitkow 2020, section 3.1.1; SPEC.md section 4).
+"""Data of the synthetic long-memory tasks (Orhan & Pitkow 2020, section 3.1.1).
 
 Three tasks, each as pure generator functions that draw from a ``torch.Generator`` (the expRNN
 ``copying_data`` style) plus a compact data set that a trainer indexes batch by batch:
@@ -17,11 +17,15 @@ Three tasks, each as pure generator functions that draw from a ``torch.Generator
 A data set stores only what is random (copy: the 10 symbols of each sequence; addition: values
 and marker positions; psMNIST: the images as bytes) and builds the float input of a batch on
 demand, so 60,000 copy sequences take 600 kB instead of 1.2 GB of one-hot tensors.
+
+Every random stream of a run comes from :func:`generator` (run seed, purpose), so that the streams
+are independent and each can be recreated on its own.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -41,7 +45,7 @@ __all__ = [
     "copy_total_length", "copy_baseline", "copy_symbols", "copy_sequences", "copy_batch",
     "one_hot", "addition_baseline", "addition_parts", "addition_sequences", "addition_batch",
     "MNIST_PIXELS", "DEFAULT_PERM_SEED", "psmnist_baseline", "pixel_permutation", "permute_pixels",
-    "IDXError", "read_idx", "find_idx_file", "load_mnist",
+    "IDXError", "read_idx", "find_idx_file", "load_mnist", "derive_seed", "generator",
     "CopySet", "AdditionSet", "MnistSet", "mnist_sets",
 ]
 
@@ -50,6 +54,18 @@ PathLike = Union[str, Path]
 # --------------------------------------------------------------------------------------------
 # Copy task
 # --------------------------------------------------------------------------------------------
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one use (``"init"``, ``"train"``, ``"val"``, ``"shuffle/3"``) of a run
+    seed, so that the streams are independent and each can be recreated on its own."""
+    digest = hashlib.sha256(f"awd-nonnormal/{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def generator(seed: int, purpose: str, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded with :func:`derive_seed` ``(seed, purpose)``."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, purpose))
+
 
 COPY_LAYOUTS = ("paper", "arjovsky")
 COPY_SYMBOLS = 10  #: input alphabet: 0 blank, 1..8 data, 9 cue (inputs are one-hot over these)

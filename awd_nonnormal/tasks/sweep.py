@@ -29,6 +29,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from .. import init as initmod
+from ..analysis import mean_sem
+from ..runs import json_clean
+from ..utils import parse_number
 from . import train as T
 
 logger = logging.getLogger(__name__)
@@ -159,21 +162,7 @@ def parse_list(text: str, what: str, integer: bool = False) -> Tuple[float, ...]
 
 
 def _number(text: Any, what: str, integer: bool) -> float:
-    if integer:
-        try:
-            value = int(str(text).strip())
-        except ValueError:
-            raise GridError(f"{what}: {text!r} is not an integer") from None
-        return value
-    if isinstance(text, bool):
-        raise GridError(f"{what}: {text!r} is not a number")
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise GridError(f"{what}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise GridError(f"{what}: {text!r} is not a finite number")
-    return value
+    return parse_number(text, what, integer=integer, error=GridError)
 
 
 def _as_list(value: Any, what: str, integer: bool = False) -> Tuple[float, ...]:
@@ -220,7 +209,7 @@ def _check_model(model: ModelGrid, plugins: Sequence[str]) -> None:
                             f"{', '.join(_PARAM_FIELDS)}")
     for params in model.points():
         try:
-            T.check_init(model.init, params, tuple(plugins))
+            initmod.check_init(initmod.InitOptions(model.init, params, plugins=tuple(plugins)), "RNN")
         except (initmod.InitSpecError, ValueError) as exc:
             raise GridError(f"model {model.name}: {exc}") from None
 
@@ -321,7 +310,7 @@ def grid_from_args(task: Optional[str] = None, models: Optional[str] = None, lrs
             raise GridError(f"--models: {name!r} is not a model name (letters, digits, . _ + -); "
                             f"use --grid FILE to give a model a full init spec")
         try:
-            T.check_init(name, {}, tuple(plugins))
+            initmod.check_init(initmod.InitOptions(name, plugins=tuple(plugins)), "RNN")
         except (initmod.InitSpecError, ValueError) as exc:
             raise GridError(f"--models: {exc}") from None
         return ModelGrid(name, name, None, ())
@@ -397,8 +386,8 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
     first = grid.models[0]
     probe = T.make_config(**base, init=first.init, lr=grid.lrs[0], seed=grid.seeds[0],
                           **{_PARAM_FIELDS[k]: v for k, v in first.points()[0].items()})
-    settings = {k: v for k, v in probe.to_dict().items()
-                if k not in ("init", "lr", "seed", "init_scale", "init_alpha", "init_beta", "init_eps")}
+    settings = {k: v for k, v in T.flat_config(probe).items()
+                if k not in ("init", "lr", "seed", *_PARAM_FIELDS.values())}
     manifest = out / SWEEP_FILE
     if manifest.is_file():
         try:
@@ -576,15 +565,6 @@ def _loss_for_rank(result: Mapping[str, Any], rank_by: str) -> float:
     return float(v)
 
 
-def _mean_sem(values: Sequence[float]) -> Tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    if a.size == 0:
-        return math.nan, math.nan
-    mean = float(a.mean())
-    sem = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 and np.isfinite(a).all() else 0.0
-    return mean, sem
-
-
 def _curve(run_dirs: Sequence[Path]) -> Dict[str, List[float]]:
     """Mean +- s.e.m. over seeds of the validation loss per epoch. A run that stopped early by
     reaching the stopping loss keeps its last value for the remaining epochs; other shorter runs
@@ -636,14 +616,14 @@ def summarize(plan: SweepPlan, rank_by: str = "final") -> Dict[str, Any]:
             ranks = [_loss_for_rank(res, rank_by) for _, res in items]
             finals = [_loss_for_rank(res, "final") for _, res in items]
             mins = [_loss_for_rank(res, "min") for _, res in items]
-            mean, sem = _mean_sem(ranks)
+            mean, sem = mean_sem(ranks)
             rows.append({
                 "model": name, "param": runs[0].param, "value": value, "lr": lr,
                 "seeds_finished": len(items),
                 "seeds_total": sum(1 for r in runs if (r.value, r.lr) == (value, lr)),
                 "rank_loss_mean": mean, "rank_loss_sem": sem,
-                "final_val_loss_mean": _mean_sem(finals)[0], "final_val_loss_sem": _mean_sem(finals)[1],
-                "min_val_loss_mean": _mean_sem(mins)[0],
+                "final_val_loss_mean": mean_sem(finals)[0], "final_val_loss_sem": mean_sem(finals)[1],
+                "min_val_loss_mean": mean_sem(mins)[0],
                 "successes": sum(bool(res.get("success")) for _, res in items),
                 "diverged": sum(res.get("status") == "diverged" for _, res in items),
                 "run_dirs": [str(r.run_dir) for r, _ in items],
@@ -689,16 +669,6 @@ CSV_FIELDS = ("model", "param", "value", "lr", "seeds_finished", "seeds_total",
               "diverged", "best")
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Path]:
     """``summary.csv`` (one row per config), ``summary.json`` and the two Figure 3 panels
     (``best_curves.png``, ``success_counts.png``) in ``out``."""
@@ -721,7 +691,7 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
                                 else v) for k, v in row.items()})
 
     paths = [atomic_write(out / "summary.csv", write_csv)]
-    text = json.dumps(_json_safe(summary), indent=2) + "\n"
+    text = json.dumps(json_clean(summary), indent=2) + "\n"
     paths.append(atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text)))
     title = f"{summary['task']}"
     curves = {name: m["best_curve"] for name, m in summary["models"].items()
