@@ -13,7 +13,7 @@ figures happen elsewhere. Computations run in float64 on the CPU, whatever the i
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,8 +21,25 @@ from torch import Tensor
 __all__ = [
     "Henrici", "henrici_index", "spectral_radius", "pulse_response", "peak_order", "weight_profile",
     "FisherMemory", "fisher_memory_curve", "discrete_lyapunov", "ACTIVATIONS", "simulate",
-    "DecodingResult", "decoding_r2",
+    "DecodingResult", "decoding_r2", "mean_sem",
 ]
+
+
+def mean_sem(values: Iterable[float]) -> Tuple[float, float]:
+    """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)``, over seeds or runs.
+
+    Conventions: n = 0 gives (NaN, NaN); n = 1 gives s.e.m. 0.0 (one sample shows no spread,
+    and a table or an error bar then shows none rather than a gap); when a value is not finite
+    (a diverged run counted as inf) the mean is not finite either and the s.e.m. is 0.0."""
+    x = [float(v) for v in values]
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(x) / n
+    if n == 1 or not all(math.isfinite(v) for v in x):
+        return mean, 0.0
+    var = math.fsum((v - mean) ** 2 for v in x) / (n - 1)
+    return mean, math.sqrt(var / n)
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -85,7 +102,7 @@ def pulse_response(weight_hh: Tensor, weight_ih: Tensor, bias_ih: Optional[Tenso
                    bias_hh: Optional[Tensor] = None, *, cell: str = "RNN", nonlinearity: str = "tanh",
                    steps: int = 100) -> Tensor:
     """Hidden state of one recurrent layer driven by a unit pulse: an input vector of ones at
-    ``t = 0``, then zero input for ``steps`` steps, from a zero state (SPEC section 3).
+    ``t = 0``, then zero input for ``steps`` steps, from a zero state (the paper's section 3.2).
 
     ``cell`` is ``RNN`` (with ``nonlinearity``), ``LSTM`` or ``GRU`` in PyTorch's gate layout.
     Returns the hidden states ``(steps + 1, N)``, row t after the input of step t.

