@@ -255,14 +255,6 @@ def _to_device(dataset, device: torch.device):
     return type(dataset)(**moved)
 
 
-def _to_device(dataset, device: torch.device):
-    if device.type == "cpu":
-        return dataset
-    moved = {f.name: (getattr(dataset, f.name).to(device) if isinstance(getattr(dataset, f.name), Tensor)
-                      else getattr(dataset, f.name)) for f in dataclasses.fields(dataset)}
-    return type(dataset)(**moved)
-
-
 BatchHook = Callable[[int, int, float], None]
 
 
