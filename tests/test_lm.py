@@ -482,6 +482,39 @@ def _nan_after(monkeypatch, epoch, batch):
     monkeypatch.setattr(lm.Trainer, "_loss", loss)
 
 
+def _overflow_norm_at(monkeypatch, batches):
+    """The gradient norm the trainer sees is inf at these 1-based batches of every epoch."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip(params, max_norm, *args, **kw):
+        params = list(params)
+        calls.append(1)
+        norm = real(params, max_norm, *args, **kw)
+        return torch.full_like(norm, math.inf) if len(calls) in batches else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return calls
+
+
+def test_overflowing_gradient_norm_skips_the_step_and_the_run_goes_on(tmp_path, corpus, monkeypatch):
+    """The policy of awd_nonnormal.runs: the step is skipped (the weights do not move), counted,
+    and the run goes on; max_skipped_steps of them in a row end it as diverged."""
+    mc, tc = configs(tmp_path, corpus, epochs=1)
+    _overflow_norm_at(monkeypatch, {1})
+    seen = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (seen.append(1), real_step(self, *a, **k))[1])
+    result = run(mc, tc)
+    ckpt = load_checkpoint(result.paths.latest)
+    assert ckpt["non_finite"] == {"skipped": 1, "streak": 0}
+    assert len(seen) == metrics(result)[0]["batches"] - 1 and result.val_loss is not None
+    mc, tc = configs(tmp_path, corpus, name="stuck", epochs=1, max_skipped_steps=2)
+    _overflow_norm_at(monkeypatch, {2, 3})
+    with pytest.raises(NonFiniteLossError, match="2 batches in a row, up to epoch 1, batch 3"):
+        run(mc, tc)
+
+
 def test_nan_stops_and_keeps_the_last_good_checkpoints(tmp_path, corpus, monkeypatch):
     mc, tc = configs(tmp_path, corpus, epochs=1)
     good = run(mc, tc)
