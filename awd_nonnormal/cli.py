@@ -33,7 +33,7 @@ from .runs import Diverged, ResumeConflict, RunExistsError
 from .utils import DEVICES
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_RUN_EXISTS", "EXIT_DIVERGED",
-           "EXIT_INTERRUPTED", "EXIT_CODES", "DataFileError", "Parser", "add_device_argument",
+           "EXIT_INTERRUPTED", "EXIT_CODES", "Parser", "add_device_argument",
            "add_output_arguments", "add_init_arguments", "setup_logging", "exit_code",
            "one_line", "run_command", "given_dests", "register_data_error"]
 
@@ -50,20 +50,14 @@ EXIT_CODES = {"ok": EXIT_OK, "data/checkpoint error": EXIT_ERROR, "usage error":
               "interrupted": EXIT_INTERRUPTED}
 
 
-class DataFileError(ValueError):
-    """A base for errors about input files (registered by modules that read them: see
-    :func:`register_data_error`)."""
-
-
 # Checked in order: the first class that matches gives the code. A ValueError not listed before
-# it is a bad value (usage).
+# it is a bad value (usage); commands add their own file errors with register_data_error.
 _ERRORS: list = [
     (RunExistsError, EXIT_RUN_EXISTS),
     (Diverged, EXIT_DIVERGED),
     (ResumeConflict, EXIT_USAGE),
     (CheckpointError, EXIT_ERROR),
     (DataError, EXIT_ERROR),
-    (DataFileError, EXIT_ERROR),
     (OSError, EXIT_ERROR),
     (ValueError, EXIT_USAGE),
     (RuntimeError, EXIT_ERROR),
