@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .analysis import ACTIVATIONS, henrici_index, mean_sem, peak_order, pulse_response, spectral_radius, weight_profile
+from .analysis import (ACTIVATIONS, mean_sem, peak_order, pulse_deviation, shuffled_profiles, spectrum,
+                       weight_profile)
 from .checkpoint import CheckpointError, load_checkpoint
 from .init import GATES, HH_PATTERN, INIT_PARAMS, recurrent_layers
 from .runs import json_clean, write_text
@@ -65,14 +66,18 @@ CHECKPOINT_PATTERNS: Tuple[str, ...] = ("*.pt", "*.pth")
 #: Language-model checkpoints with these ``role`` values repeat a run's best model (``<name>.pt``,
 #: role "best"); a folder search leaves them out unless a ``--filter`` names ``role``.
 SECONDARY_ROLES = frozenset({"latest", "snapshot"})
-#: Default grouping: one group per task (synthetic) or corpus (language model), cell type and
+#: Default grouping: one group per task (synthetic) or corpus (language model, by the fingerprint
+#: of its vocabulary, so that two spellings of one corpus folder fall together), cell type and
 #: initializer spec, so a sweep folder gives one row per model like the paper's Table 2 (runs that
 #: differ only in gain, learning rate or seed fall together). Fields that no checkpoint has are
 #: left out of the default.
-DEFAULT_GROUP_BY: Tuple[str, ...] = ("task", "data", "rnn_type", "init")
+DEFAULT_GROUP_BY: Tuple[str, ...] = ("task", "corpus", "rnn_type", "init")
 HEATMAP_ORDERS = ("peak", "index")
 HEATMAP_CHOICES = ("first", "all", "none")
-MEASURES = ("henrici_raw", "henrici_normalized", "spectral_radius")
+MEASURES = ("henrici_raw", "henrici_normalized", "spectral_radius", "profile_plus1", "plus1_z")
+#: Measures that carry a ``<name>_reliable`` flag per gate (see :func:`awd_nonnormal.analysis.spectrum`).
+FLAGGED = {"henrici_raw": "henrici_reliable", "henrici_normalized": "henrici_reliable",
+           "spectral_radius": "spectral_radius_reliable"}
 
 
 class AnalysisError(ValueError):
@@ -93,9 +98,10 @@ class PosthocConfig:
     only_successful: bool = False                # task runs with result.success only
     initial: bool = False                        # also analyse initial_rnn
     patterns: Tuple[str, ...] = CHECKPOINT_PATTERNS
-    steps: int = 100                             # zero-input steps after the pulse
+    steps: int = 100                             # zero-input steps after the pulse (at least N are run)
     jitter: float = 1e-3                         # ties in peak time broken with U[0, jitter)
     seed: int = 0
+    null_samples: int = 100                      # random unit orders of the shuffled-order null; 0: none
     progress: bool = True                        # a tqdm bar on stderr (drawn on a terminal only)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,8 @@ class PosthocConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.jitter >= 0:
             raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+        if self.null_samples == 1 or self.null_samples < 0:
+            raise ValueError(f"null samples must be 0 (no null) or >= 2, got {self.null_samples}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,46 +156,68 @@ def find_layers(tensors: Mapping[str, Tensor]) -> List[Layer]:
     return list(found.values())
 
 
+def _plus1(offsets: Tensor, values: Tensor) -> float:
+    at = values[offsets == 1]
+    return float(at) if at.numel() else math.nan
+
+
 def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps: int, jitter: float,
-                   generator: torch.Generator, where: str,
+                   generator: torch.Generator, where: str, null_samples: int = 0,
+                   null_generator: Optional[torch.Generator] = None,
                    tick: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     gates = GATES[layer.cell]
     n = layer.weight_hh.shape[1]
     if layer.weight_ih is None:
         raise CheckpointError(f"{where}: layer {layer.name} has no weight_ih, so the pulse has no way in")
-    act = pulse_response(layer.weight_hh, layer.weight_ih, layer.bias_ih, layer.bias_hh, cell=layer.cell,
-                         nonlinearity=nonlinearity or "tanh", steps=steps)     # (steps + 1, N)
+    # what the pulse adds to the bias-driven state, for max(steps, N) steps or until it dies out
+    act = pulse_deviation(layer.weight_hh, layer.weight_ih, layer.bias_ih, layer.bias_hh, cell=layer.cell,
+                          nonlinearity=nonlinearity or "tanh", steps=steps)    # (T, N)
     if not bool(torch.isfinite(act).all()):
         logger.warning("%s: layer %s: the pulse response overflows; peak times of the affected units "
                        "are unreliable", where, layer.name)
-    order = peak_order(act, jitter=jitter, generator=generator)                 # (N,)
-    silent = int((act.abs().amax(dim=0) == 0).sum())
+    order = peak_order(act, jitter=jitter, generator=generator, absolute=True)  # (N,)
+    reached = (act != 0).any(dim=0)                                             # (N,)
+    silent = int((~reached).sum())
     if silent:
-        logger.info("%s: layer %s: %d of %d units never respond to the pulse within %d steps; "
-                    "the jitter alone orders them", where, layer.name, silent, n, steps)
+        logger.info("%s: layer %s: the pulse never reaches %d of %d units within %d steps; they "
+                    "come last, in jitter order", where, layer.name, silent, n, act.shape[0] - 1)
+    peak_times = torch.where(reached, act.abs().argmax(dim=0), torch.full_like(reached, -1, dtype=torch.long))
     record: Dict[str, Any] = {
         "index": index, "name": layer.name, "key": layer.key, "cell": layer.cell,
         "nonlinearity": nonlinearity, "hidden_size": n, "input_size": int(layer.weight_ih.shape[1]),
-        "order": order.tolist(), "peak_times": act.argmax(dim=0).tolist(), "silent_units": silent,
-        "gates": {},
+        "order": order.tolist(), "peak_times": peak_times.tolist(), "silent_units": silent,
+        "pulse_steps": act.shape[0] - 1, "gates": {},
     }
     for gate, block in zip(gates, layer.weight_hh.chunk(len(gates), dim=0)):   # (N, N) each
         if tick is not None:
             tick(f"{layer.name} gate {gate}")
-        eigvals = torch.linalg.eigvals(block.detach().double().cpu())  # O(N^3): computed once
-        h = henrici_index(block, eigvals)
+        sp = spectrum(block)    # O(N^3), a few times over for the error estimate
         offsets, profile = weight_profile(block, order)
-        record["gates"][gate] = {
-            "henrici_raw": h.raw, "henrici_normalized": h.normalized,
-            "spectral_radius": spectral_radius(block, eigvals),
-            "frobenius_norm": float(block.detach().double().norm()),
-            "offsets": offsets.tolist(), "profile": profile.tolist(),
+        entry = {
+            "henrici_raw": sp.henrici.raw, "henrici_normalized": sp.henrici.normalized,
+            "henrici_error": sp.henrici.error, "henrici_reliable": sp.henrici.reliable,
+            "spectral_radius": sp.radius, "spectral_radius_error": sp.radius_error,
+            "spectral_radius_reliable": sp.radius_reliable, "eigenvalue_method": sp.method,
+            "frobenius_norm": sp.fro, "offsets": offsets.tolist(), "profile": profile.tolist(),
+            "profile_plus1": _plus1(offsets, profile),
+            "null_plus1_mean": math.nan, "null_plus1_std": math.nan, "plus1_z": math.nan,
         }
+        if null_samples and n > 1:
+            null = shuffled_profiles(block, null_samples, null_generator)
+            mean, std = _plus1(offsets, null.mean), _plus1(offsets, null.std)
+            entry.update(null_plus1_mean=mean, null_plus1_std=std,
+                         plus1_z=(entry["profile_plus1"] - mean) / std if std > 0 else math.nan)
+        for what, flag in (("Henrici index", "henrici_reliable"), ("spectral radius", "spectral_radius_reliable")):
+            if not entry[flag]:
+                logger.warning("%s: layer %s gate %s: the %s is unreliable (its eigenvalues are "
+                               "ill-conditioned; estimated error %.3g)", where, layer.name, gate, what,
+                               entry["henrici_error" if flag == "henrici_reliable" else "spectral_radius_error"])
+        record["gates"][gate] = entry
     return record
 
 
 def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, steps: int = 100,
-                   jitter: float = 1e-3, seed: int = 0, where: str = "checkpoint",
+                   jitter: float = 1e-3, seed: int = 0, null_samples: int = 0, where: str = "checkpoint",
                    fallback: Optional[Mapping[str, Layer]] = None,
                    tick: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
     """Henrici index, spectral radius and weight profile of every gate of every layer in
@@ -197,6 +227,8 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
     ``arch`` gives the cell type (checked against the block count) and the vanilla RNN's
     nonlinearity. ``fallback`` (layers by name) lends input weights and biases to layers that lack
     them, as ``initial_rnn`` might. ``tick(label)`` is called before each gate block (progress).
+    ``null_samples`` random unit orders give each gate's shuffled-order null of the profile at
+    ``i - j = +1`` (none for 0).
     """
     layers = find_layers(tensors)
     if not layers:
@@ -204,6 +236,7 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
     rnn_type = arch.get("rnn_type")
     nonlinearity = arch.get("nonlinearity")
     generator = torch.Generator().manual_seed(seed)
+    null_generator = torch.Generator().manual_seed(seed + 1)
     records = []
     for index, layer in enumerate(layers):
         if rnn_type and layer.cell != rnn_type:
@@ -225,7 +258,8 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
             if nl not in ACTIVATIONS:
                 raise CheckpointError(f"{where}: unknown nonlinearity {nl!r} in arch; known: "
                                       f"{', '.join(ACTIVATIONS)}")
-        records.append(_measure_layer(layer, index, nl, steps, jitter, generator, where, tick))
+        records.append(_measure_layer(layer, index, nl, steps, jitter, generator, where, null_samples,
+                                      null_generator, tick))
     return records
 
 
@@ -310,7 +344,7 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Any]) -> None:
 
 #: Top-level entries that are weights or state, not descriptive fields.
 _NOT_FIELDS = frozenset({"format", "version", "model", "optimizer", "rng", "initial_rnn", "position",
-                         "bptt_rng", "metrics", "permutation"})
+                         "bptt_rng", "metrics", "permutation", "corpus"})
 #: Short names whose full name differs between kinds (task, language model) and checkpoint
 #: versions: the first candidate a checkpoint has is taken.
 FIELD_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -333,7 +367,34 @@ def checkpoint_fields(ckpt: Mapping[str, Any], path: Path) -> Dict[str, Any]:
     for key, value in ckpt.items():
         if key not in _NOT_FIELDS:
             _flatten(str(key), value, fields)
+    corpus = _corpus(fields)
+    if corpus is not None:
+        fields["corpus"] = corpus
     return fields
+
+
+def _corpus(fields: Mapping[str, Any]) -> Optional[str]:
+    """A language model's corpus: the fingerprint of its vocabulary (``vocab_fingerprint``), so
+    that ``data/toy``, ``data/toy/`` and ``/abs/path/data/toy`` are one corpus; without one, the
+    ``data`` path with trailing separators and ``.`` parts removed. None for other checkpoints."""
+    fingerprint = fields.get("vocab_fingerprint")
+    if isinstance(fingerprint, str) and fingerprint:
+        return fingerprint
+    data = fields.get("config.train.data", fields.get("config.data"))
+    if isinstance(data, str) and data and fields.get("kind") == "lm":
+        return os.path.normpath(data)
+    return None
+
+
+def _corpus_label(value: str, recs: Sequence[Mapping[str, Any]]) -> str:
+    """How a corpus reads in a group label: its folder name(s) and, for a fingerprint, its first
+    8 hex digits (``toy [1a2b3c4d]``)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        return value
+    names = sorted({os.path.basename(os.path.normpath(d)) for r in recs
+                    for d in [r["fields"].get("config.train.data", r["fields"].get("config.data"))]
+                    if isinstance(d, str) and d})
+    return f"{'|'.join(names) or 'corpus'} [{value[:8]}]"
 
 
 _MISSING = object()
@@ -429,8 +490,10 @@ def aggregate_layers(runs: Sequence[Optional[Sequence[Mapping[str, Any]]]]) -> L
             entries = [rec["gates"][gate] for rec in layer_recs if gate in rec["gates"]]
             stats: Dict[str, Any] = {"n": len(entries)}
             for m in MEASURES:
-                mean, sem = mean_sem(e[m] for e in entries)
+                mean, sem = mean_sem(e.get(m, math.nan) for e in entries)
                 stats[m] = {"mean": mean, "sem": sem}
+                if m in FLAGGED:
+                    stats[m]["n_unreliable"] = sum(not e.get(FLAGGED[m], True) for e in entries)
             stats["profile"] = _profile_stats(entries)
             gates[gate] = stats
         out.append({"index": index, "names": names, "cells": sorted({r["cell"] for r in layer_recs}),
@@ -461,6 +524,17 @@ def _group_labels(keys: Sequence[Tuple[str, ...]]) -> Dict[Tuple[str, ...], str]
     if len(set(short.values())) == len(short):
         return short
     return {k: " ".join(k) or "all" for k in keys}
+
+
+def _natural_key(key: Tuple[str, ...]) -> Tuple[Tuple[int, float, str], ...]:
+    """Sort key of a group key: numbers by value before text, text alphabetically."""
+    out = []
+    for v in key:
+        try:
+            out.append((0, float(v), v))
+        except ValueError:
+            out.append((1, 0.0, v))
+    return tuple(out)
 
 
 def _slug(text: str) -> str:
@@ -552,11 +626,12 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
         has_initial = isinstance(initial_tensors, Mapping) and bool(initial_tensors)
         try:
             trained = measure_layers(ckpt["model"], ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
-                                     seed=cfg.seed, where=where, tick=tick)
+                                     seed=cfg.seed, null_samples=cfg.null_samples, where=where, tick=tick)
             if cfg.initial and has_initial:
                 lenders = {layer.name: layer for layer in find_layers(ckpt["model"])}
                 initial = measure_layers(initial_tensors, ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
-                                         seed=cfg.seed, where=f"{where} (initial_rnn)", fallback=lenders,
+                                         seed=cfg.seed, null_samples=cfg.null_samples,
+                                         where=f"{where} (initial_rnn)", fallback=lenders,
                                          tick=lambda label: tick(f"initial {label}"))
         except CheckpointError as exc:
             _skip_unless_explicit(cand, exc, report)
@@ -614,11 +689,16 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             if all(resolve_field(r["fields"], f) is _MISSING for r in records):
                 raise AnalysisError(f"--group-by {f}: no checkpoint has a field {f!r}; fields: "
                                     f"{', '.join(sorted(seen_fields))}")
-    groups: Dict[Tuple[str, ...], List[int]] = {}
+    unsorted: Dict[Tuple[str, ...], List[int]] = {}
     for idx, r in enumerate(records):
         key = tuple(_fmt_value(resolve_field(r["fields"], f)) for f in group_by)
-        groups.setdefault(key, []).append(idx)
-    labels = _group_labels(list(groups))
+        unsorted.setdefault(key, []).append(idx)
+    groups = {key: unsorted[key] for key in sorted(unsorted, key=_natural_key)}
+    shown = {key: tuple(_corpus_label(v, [records[i] for i in members]) if f == "corpus" else v
+                        for f, v in zip(group_by, key))
+             for key, members in groups.items()}
+    by_shown = _group_labels(list(dict.fromkeys(shown.values())))
+    labels = {key: by_shown[shown[key]] for key in groups}
     for key, members in groups.items():
         for idx in members:
             records[idx]["group"] = labels[key]
@@ -723,19 +803,24 @@ def _pm(stat: Optional[Mapping[str, Any]]) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
     sem = stat.get("sem")
-    return f"{stat['mean']:.3f} +- {'n/a' if sem is None else f'{sem:.3f}'}"
+    mark = " *" if stat.get("n_unreliable") else ""
+    return f"{stat['mean']:.3f} +- {'n/a' if sem is None else f'{sem:.3f}'}{mark}"
 
 
 def format_table(data: Mapping[str, Any]) -> str:
     """The aggregated measures as a text table: one row per group, layer and gate, with n and
-    mean +- s.e.m. of the Henrici index (raw and normalised) and the spectral radius; with the
-    initial weights' values beside the trained ones when they were analysed."""
+    mean +- s.e.m. of the Henrici index (raw and normalised), the spectral radius, the profile at
+    ``i - j = +1`` and its distance from the shuffled-order null in null standard deviations; with
+    the initial weights' values beside the trained ones when they were analysed. A ``*`` marks a
+    mean over values of which some are unreliable (ill-conditioned eigenvalues)."""
     initial = bool(data["settings"].get("initial"))
     heads = ["group", "layer", "gate", "n"]
-    cols = [("henrici_raw", "d(W)"), ("henrici_normalized", "d(W)/|W|_F"), ("spectral_radius", "rho(W)")]
+    cols = [("henrici_raw", "d(W)"), ("henrici_normalized", "d(W)/|W|_F"), ("spectral_radius", "rho(W)"),
+            ("profile_plus1", "p(+1)"), ("plus1_z", "z(+1)")]
     for _, label in cols:
         heads += [f"{label} initial", f"{label} trained"] if initial else [label]
     rows = []
+    unreliable = False
     for g in data["groups"]:
         init_layers = g.get("initial") or []
         for layer in g["layers"]:
@@ -745,7 +830,8 @@ def format_table(data: Mapping[str, Any]) -> str:
                 n = str(st["n"]) + (f" ({ist['n'] if ist else 0} init)" if initial else "")
                 row = [g["label"], str(layer["index"]), gate, n]
                 for key, _ in cols:
-                    row += [_pm(ist[key] if ist else None), _pm(st[key])] if initial else [_pm(st[key])]
+                    row += [_pm(ist.get(key) if ist else None), _pm(st.get(key))] if initial else [_pm(st.get(key))]
+                unreliable = unreliable or any(v.endswith(" *") for v in row)
                 rows.append(row)
     widths = [max(len(h), *(len(r[c]) for r in rows)) if rows else len(h) for c, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)),
@@ -753,5 +839,9 @@ def format_table(data: Mapping[str, Any]) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     group_by = data["settings"].get("group_by") or []
     lines.append(f"groups by: {', '.join(group_by) if group_by else '(one group)'}; "
-                 "mean +- s.e.m. (std ddof=1 / sqrt n; n/a for n = 1)")
+                 "mean +- s.e.m. (std ddof=1 / sqrt n; n/a for n = 1); p(+1): mean weight at i - j = +1 "
+                 "in peak order; z(+1): (p(+1) - null mean) / null std over random unit orders")
+    if unreliable:
+        lines.append("* includes values marked unreliable: ill-conditioned eigenvalues, estimated error "
+                     "> 1 % (see henrici_error, spectral_radius_error in the JSON)")
     return "\n".join(lines)
