@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file names a folder search takes, repeatable "
                         f"(default: {' '.join(CHECKPOINT_PATTERNS)})")
     p.add_argument("--steps", type=int, default=100,
-                   help="zero-input steps after the pulse (default: %(default)s, as in the paper)")
+                   help="zero-input steps after the pulse (default: %(default)s, as in the paper); at "
+                        "least N are run for a layer of N units, fewer if the pulse dies out exactly")
+    p.add_argument("--null-samples", type=int, default=100, metavar="K",
+                   help="random unit orders for the shuffled-order null of the profile at i - j = +1 "
+                        "(column z(+1)); 0 for none (default: %(default)s)")
     p.add_argument("--jitter", type=float, default=1e-3,
                    help="ties in peak time are broken by adding U[0, JITTER) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
@@ -111,7 +115,8 @@ def config_from_args(args: argparse.Namespace) -> PosthocConfig:
         heatmap_order=args.heatmap_order, max_offset=args.max_offset, group_by=group_by,
         filters=tuple(args.filters), only_successful=args.only_successful, initial=args.initial,
         patterns=tuple(args.patterns) if args.patterns else CHECKPOINT_PATTERNS,
-        steps=args.steps, jitter=args.jitter, seed=args.seed, progress=not args.no_progress)
+        steps=args.steps, jitter=args.jitter, seed=args.seed, null_samples=args.null_samples,
+        progress=not args.no_progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,9 +3,12 @@
 Everything here takes tensors and returns tensors or numbers; loading checkpoints and drawing
 figures happen elsewhere. Computations run in float64 on the CPU, whatever the input's device.
 
-* :func:`henrici_index`: departure from normality (Henrici 1962), paper section 3.2.
-* :func:`pulse_response`, :func:`peak_order`, :func:`weight_profile`: the weight profile of units
-  ordered by the time of their peak response (Rajan, Harvey & Tank 2016), paper Figures 5-6.
+* :func:`spectrum`, :func:`henrici_index`, :func:`spectral_radius`: departure from normality
+  (Henrici 1962; paper section 3.2) and spectral radius, exact where a structure allows and
+  otherwise with an error estimate and a ``reliable`` flag.
+* :func:`pulse_response`, :func:`pulse_deviation`, :func:`peak_order`, :func:`weight_profile`,
+  :func:`shuffled_profiles`: the weight profile of units ordered by the time of their peak
+  response (Rajan, Harvey & Tank 2016; paper Figures 5-6) and its shuffled-order null.
 * :func:`fisher_memory_curve`: ``J(k)`` and ``J_tot`` (Ganguli, Huh & Sompolinsky 2008), Figure 1b.
 * :func:`simulate`, :func:`decoding_r2`: linear decoding of a past input (paper Figure 2, App. A).
 """

@@ -136,19 +136,15 @@ def weight_profile_figure(panels, path: PathLike, *, title: str = "", max_offset
     return save(fig, path)
 
 
-def weight_heatmap_figure(rows, path: PathLike, *, title: str = "", order: str = "peak") -> Path:
-    """The recurrent weight matrix of each gate as a heat map (rows: receiving unit i, columns:
-    sending unit j), the units already permuted by the caller. ``rows`` maps a row label
-    (``trained``, ``initial``) to ``{gate: (N, N) array}``. The colour scale is symmetric about 0
-    and clipped at the 99th percentile of ``|W|`` of each panel, so a few large weights do not wash
-    out the rest."""
+def weight_heatmap(rows, *, title: str = "", order: str = "peak"):
+    """The figure of :func:`weight_heatmap_figure`, not saved (returned for inspection)."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
     labels = list(rows)
     gates = list(dict.fromkeys(g for r in rows.values() for g in r))
     shape = (len(labels), len(gates)) if len(gates) > 1 else (1, len(labels))  # one gate: side by side
-    fig, axes = plt.subplots(*shape, figsize=(3.2 * shape[1], 3.0 * shape[0]), squeeze=False)
+    fig, axes = plt.subplots(*shape, figsize=(3.4 * shape[1], 3.0 * shape[0]), squeeze=False)
     for r, label in enumerate(labels):
         for c, gate in enumerate(gates):
             ax = axes[r][c] if len(gates) > 1 else axes[0][r]
@@ -157,18 +153,29 @@ def weight_heatmap_figure(rows, path: PathLike, *, title: str = "", order: str =
                 continue
             w = np.asarray(rows[label][gate], dtype=float)
             finite = np.abs(w[np.isfinite(w)])
-            vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-            im = ax.imshow(w, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, interpolation="nearest")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            vmax = float(finite.max()) if finite.size else 0.0
+            vmax = vmax or 1.0
+            im = ax.imshow(w, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+            for axis in (ax.xaxis, ax.yaxis):   # at most 5 integer ticks: readable at N = 100 or 1150
+                axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.tick_params(labelsize=7)
             ax.set_title(f"{label}: gate {gate}", fontsize=9)
             ax.set_xlabel(f"from unit j ({order} order)", fontsize=8)
             ax.set_ylabel(f"to unit i ({order} order)", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return save(fig, path)
+    return fig
+
+
+def weight_heatmap_figure(rows, path: PathLike, *, title: str = "", order: str = "peak") -> Path:
+    """The recurrent weight matrix of each gate as a heat map (rows: receiving unit i, columns:
+    sending unit j), the units already permuted by the caller. ``rows`` maps a row label
+    (``trained``, ``initial``) to ``{gate: (N, N) array}``. The colour scale is symmetric about 0
+    and spans the largest ``|W|`` of each panel (an identity reads +-1)."""
+    return save(weight_heatmap(rows, title=title, order=order), path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,16 @@ Choices made here (the README's analysis section shows the outputs):
 
 * One ordering per layer: the pulse goes through the whole layer (all gates, PyTorch's cell
   equations), units are ordered by the peak time of the layer's hidden state ``h``, and that one
-  order is applied to the recurrent block of every gate (the paper's section 3.2). Layer ``k > 0`` gets the
-  pulse (a vector of ones) at its own input, not through the layers below.
+  order is applied to the recurrent block of every gate (the paper's section 3.2). Layer ``k > 0`` gets the pulse (a vector
+  of ones) at its own input, not through the layers below.
+* The peak time is that of ``|h_pulse - h_bias|``, the pulse run minus the zero-input run of the
+  same layer (the biases alone drive every unit), over at least N steps for N units, so a chain is
+  found whatever its biases and length; units the pulse never reaches come last.
+* Eigenvalues near a chain are ill-conditioned: :func:`awd_nonnormal.analysis.spectrum` computes
+  them exactly for symmetric, triangular and chain-with-feedback (tridiagonal) blocks, and
+  otherwise estimates their error and flags unreliable values (``*`` in the table).
+* Each gate's profile at ``i - j = +1`` is compared with a null: the same block with its units
+  in ``null_samples`` random orders (``z(+1)`` = distance in null standard deviations).
 * The jitter that breaks ties in peak times comes from a generator seeded with ``seed`` afresh for
   every checkpoint (and again for its initial weights), so a checkpoint's numbers do not depend on
   which other checkpoints are analysed with it.

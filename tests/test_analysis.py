@@ -187,3 +187,182 @@ def test_memory_curves_experiment():
     assert 1.5 < curves["chain"].J_tot <= 40 and 1.5 < curves["fbchain"].J_tot <= 40
     assert curves["chain"].J[40:].abs().max() == 0  # the chain forgets abruptly after N steps
     assert curves["chain"].pulse[39] == pytest.approx(1.05 ** 39)  # transient amplification
+
+
+# ---------------------------------------------------------------- profiles that find a chain
+
+def chain_layer(n, alpha=1.0, d=1):
+    """A chain of n units fed at unit 0 (source input 0.9 e_0), as in SPEC's direction invariant."""
+    return mat(n, chain_, alpha=alpha), 0.9 * torch.eye(n, d, dtype=F64)
+
+
+def test_peak_order_ignores_a_unit_driven_by_bias_alone():
+    """Unit 0 gets no input and no recurrent weight, only a bias: tanh(2) at every step from
+    t = 0. The raw response peaks it first; the deviation from the bias-only run never moves it,
+    so it comes last and the chain 1..N-1 keeps its order."""
+    n = 12
+    w = torch.zeros(n, n, dtype=F64)
+    w[2:, 1:-1] = mat(n - 1, chain_)[1:, :-1]        # chain 1 -> 2 -> ... -> n-1
+    v = torch.zeros(n, 1, dtype=F64)
+    v[1] = 0.9
+    b = torch.zeros(n, dtype=F64)
+    b[0] = 2.0
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    raw = A.peak_order(A.pulse_response(w, v, b, cell="RNN", nonlinearity="tanh", steps=30), generator=gen())
+    assert 0 in raw[:2].tolist()                     # the old procedure: peaks at t = 0 with the input unit
+    dev = A.pulse_deviation(w, v, b, cell="RNN", nonlinearity="tanh", steps=30)
+    assert dev[:, 0].abs().max() == 0
+    order = A.peak_order(dev, generator=gen(), absolute=True)
+    assert order.tolist() == list(range(1, n)) + [0]
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "linear"])
+def test_chain_of_256_with_random_biases_peaks_at_plus_one(nonlinearity):
+    """Random non-zero biases drive every unit at every step; 256 units need 256 steps."""
+    n = 256
+    w, v = chain_layer(n)
+    g = torch.Generator().manual_seed(3)
+    b_ih = (torch.rand(n, generator=g, dtype=F64) - 0.5) * 0.2
+    b_hh = (torch.rand(n, generator=g, dtype=F64) - 0.5) * 0.2
+    assert (b_ih + b_hh).abs().min() > 0
+    dev = A.pulse_deviation(w, v, b_ih, b_hh, cell="RNN", nonlinearity=nonlinearity, steps=100)
+    assert dev.shape[0] >= n                                     # ran at least N steps
+    assert dev.abs().argmax(dim=0).tolist() == list(range(n))   # unit k peaks at step k
+    order = A.peak_order(dev, generator=torch.Generator().manual_seed(0), absolute=True)
+    offsets, prof = A.weight_profile(w, order)
+    assert offsets[prof.argmax()].item() == 1 and prof[offsets == 1].item() == pytest.approx(1.0)
+
+
+def test_pulse_deviation_stops_once_the_pulse_has_died_out():
+    """A chain is nilpotent: after N steps both runs are in the same state and stay there."""
+    n = 20
+    w, v = chain_layer(n)
+    dev = A.pulse_deviation(w, v, torch.full((n,), 0.3, dtype=F64), cell="RNN", nonlinearity="tanh", steps=500)
+    assert n <= dev.shape[0] - 1 < 500 and dev[-1].abs().max() == 0
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_pulse_deviation_of_gated_cells_matches_torch(cell):
+    """Pulse run minus zero-input run, computed independently with torch's own modules."""
+    torch.manual_seed(1)
+    mod = getattr(torch.nn, cell)(3, 6).double()
+    x = torch.zeros(10, 2, 3, dtype=F64)
+    x[0, 1] = 1.0                                    # batch 0: zero input, batch 1: the pulse
+    out, _ = mod(x)
+    got = A.pulse_deviation(mod.weight_hh_l0, mod.weight_ih_l0, mod.bias_ih_l0, mod.bias_hh_l0, cell=cell, steps=9)
+    assert got.shape[0] == 10
+    assert torch.allclose(got, out[:, 1] - out[:, 0], atol=1e-12)
+
+
+def shuffled_z(w, order, samples=200, seed=0):
+    offsets, prof = A.weight_profile(w, order)
+    null = A.shuffled_profiles(w, samples, torch.Generator().manual_seed(seed))
+    k = offsets == 1
+    return offsets, prof, ((prof[k] - null.mean[k]) / null.std[k]).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_normal_matrix_shows_no_plus_one_peak_against_its_shuffled_null(seed):
+    """Random orthogonal and random symmetric matrices (normal, no sequence in them), ordered by
+    the peak of a pulse entering every unit: p(+1) stays within 3 null standard deviations."""
+    n = 100
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, 1, generator=g, dtype=F64) * 0.9 / math.sqrt(n)
+    a = torch.randn(n, n, generator=g, dtype=F64) / math.sqrt(2 * n)
+    for w in (mat(n, orthogonal_, generator=g), a + a.T):
+        dev = A.pulse_deviation(w, v, cell="RNN", nonlinearity="tanh")
+        order = A.peak_order(dev, generator=torch.Generator().manual_seed(0), absolute=True)
+        assert abs(shuffled_z(w, order)[2]) < 3
+
+
+def test_shuffled_null_is_the_mean_off_diagonal_weight():
+    """Over uniformly random orders every off-diagonal offset averages the mean off-diagonal entry."""
+    n = 7
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    null = A.shuffled_profiles(w, 4000, torch.Generator().manual_seed(1))
+    off_mean = (w.sum() - w.diagonal().sum()) / (n * n - n)
+    centre = n - 1
+    assert null.mean[centre].item() == pytest.approx(w.diagonal().mean().item(), abs=1e-12)  # offset 0
+    assert null.std[centre].item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(null.mean[torch.arange(2 * n - 1) != centre], off_mean.expand(2 * n - 2), atol=0.05)
+
+
+@pytest.mark.parametrize("n", [100, 256])
+def test_noisy_chain_still_peaks_at_plus_one(n):
+    """Chain(alpha = 1) plus i.i.d. Gaussian noise of std 0.1 alpha / sqrt(N): a noise matrix whose
+    spectral radius is 10 % of alpha (circular law), with non-zero random biases."""
+    alpha = 1.0
+    w, v = chain_layer(n, alpha)
+    g = torch.Generator().manual_seed(n)
+    w = w + 0.1 * alpha / math.sqrt(n) * torch.randn(n, n, generator=g, dtype=F64)
+    b = (torch.rand(n, generator=g, dtype=F64) - 0.5) * 0.2
+    dev = A.pulse_deviation(w, v, b, cell="RNN", nonlinearity="tanh")
+    order = A.peak_order(dev, generator=torch.Generator().manual_seed(0), absolute=True)
+    offsets, prof, z = shuffled_z(w, order)
+    assert offsets[prof.argmax()].item() == 1
+    assert z > 20
+
+
+# ---------------------------------------------------------------- eigenvalues near a chain
+
+def fbchain_closed_form(n, alpha, beta):
+    """Tridiagonal Toeplitz: lambda_k = 2 sqrt(alpha beta) cos(k pi / (N + 1)), k = 1..N."""
+    lam = [2 * math.sqrt(alpha * beta) * math.cos(k * math.pi / (n + 1)) for k in range(1, n + 1)]
+    fro2 = (n - 1) * (alpha ** 2 + beta ** 2)
+    d = math.sqrt(fro2 - math.fsum(x * x for x in lam))
+    return d, d / math.sqrt(fro2), max(abs(x) for x in lam)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_henrici_of_fbchain_matches_the_closed_form(n):
+    d, dn, rho = fbchain_closed_form(n, 0.99, 0.04)
+    sp = A.spectrum(mat(n, fbchain_, alpha=0.99, beta=0.04))
+    assert sp.henrici.reliable and sp.radius_reliable
+    assert sp.henrici.raw == pytest.approx(d, rel=1e-9)
+    assert sp.henrici.normalized == pytest.approx(dn, rel=1e-9)
+    assert sp.radius == pytest.approx(rho, rel=1e-9)
+    assert A.henrici_index(mat(n, fbchain_, alpha=0.99, beta=0.04)).raw == pytest.approx(d, rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_henrici_of_a_shuffled_fbchain_is_right_or_marked_unreliable(n):
+    """Relabelling the units (P W P^T) keeps the eigenvalues and ||W||_F, so d and rho are the
+    closed form's, but the matrix is no longer tridiagonal: the general method must either get
+    within 1 % or say that it cannot."""
+    d, _, rho = fbchain_closed_form(n, 0.99, 0.04)
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    sp = A.spectrum(mat(n, fbchain_, alpha=0.99, beta=0.04)[p][:, p])
+    assert sp.method == "general"
+    assert abs(sp.henrici.raw - d) <= 0.01 * d or not sp.henrici.reliable
+    assert abs(sp.radius - rho) <= 0.01 * rho or not sp.radius_reliable
+    # LAPACK misses here by > 5 % (radius ~0.6-0.9 for 0.398), and the flag says so
+    assert abs(sp.henrici.raw - d) > 0.05 * d and not sp.henrici.reliable and not sp.radius_reliable
+
+
+@pytest.mark.parametrize("n", [10, 256])
+def test_exact_values_for_chains_orthogonal_and_symmetric_matrices(n):
+    g = torch.Generator().manual_seed(n)
+    sp = A.spectrum(mat(n, chain_, alpha=1.02))
+    assert sp.henrici.raw == pytest.approx(math.sqrt(n - 1) * 1.02, rel=1e-12) and sp.radius == 0.0
+    assert sp.henrici.normalized == pytest.approx(1.0, rel=1e-12) and sp.henrici.reliable
+    sp = A.spectrum(mat(n, orthogonal_, scale=0.9, generator=g))
+    assert sp.henrici.raw == 0.0 and sp.henrici.reliable
+    assert sp.radius == pytest.approx(0.9, rel=1e-10) and sp.radius_reliable
+    a = torch.randn(n, n, generator=g, dtype=F64)
+    sym = a + a.T
+    sp = A.spectrum(sym)
+    assert sp.henrici.raw == 0.0 and sp.henrici.reliable and sp.method == "symmetric"
+    assert sp.radius == pytest.approx(float(torch.linalg.eigvalsh(sym).abs().max()), rel=1e-12)
+    sp = A.spectrum(torch.eye(n, dtype=F64))
+    assert sp.henrici.raw == 0.0 and sp.radius == 1.0
+
+
+def test_general_matrices_are_reliable_when_well_conditioned():
+    """A random Gaussian matrix: eigenvalues well conditioned, d from its Schur form's size."""
+    n = 60
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sp = A.spectrum(w)
+    ev = torch.linalg.eigvals(w)
+    assert sp.method == "general" and sp.henrici.reliable and sp.radius_reliable
+    assert sp.henrici.raw == pytest.approx(math.sqrt(float((w ** 2).sum() - (ev.abs() ** 2).sum())), rel=1e-9)
+    assert sp.henrici.error < 1e-6 * sp.henrici.raw

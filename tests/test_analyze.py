@@ -20,7 +20,7 @@ from torch import nn
 import analyze
 from awd_nonnormal import posthoc
 from awd_nonnormal.checkpoint import CheckpointError, save_checkpoint
-from awd_nonnormal.init import apply_init
+from awd_nonnormal.init import apply_init, fbchain_
 from awd_nonnormal.posthoc import AnalysisError, PosthocConfig
 from awd_nonnormal.regularize import WeightDrop
 from awd_nonnormal.rnn import build_rnn
@@ -459,3 +459,102 @@ def test_cli_fails_cleanly(tmp_path):
         assert "Traceback" not in stderr and stdout == "", case
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# grouping by corpus, sorted groups, unreliable values, the shuffled null, heat maps
+# --------------------------------------------------------------------------------------------
+
+def save_lm(path, data, fingerprint, init="chain", seed=0):
+    m = layer_module("RNN", 3, 5, init, seed=seed)
+    model = {f"rnns.0.{k}": v for k, v in m.state_dict().items()}
+    arch = {"rnn_type": "RNN", "nonlinearity": "tanh", "nlayers": 1, "input_size": 3, "hidden_sizes": [5]}
+    config = {"model": {"init": init, "rnn_type": "RNN"}, "train": {"data": data, "seed": seed}}
+    return save_checkpoint(path, kind="lm", arch=arch, config=config, model=model, role="best",
+                           vocab_fingerprint=fingerprint)
+
+
+def test_two_spellings_of_one_corpus_form_one_group_and_groups_are_sorted(tmp_path):
+    toy, other = "ab" * 32, "cd" * 32
+    save_lm(tmp_path / "r1" / "m.pt", "data/toy", toy, init="plain")
+    save_lm(tmp_path / "r2" / "m.pt", "data/toy/", toy, init="plain", seed=1)
+    save_lm(tmp_path / "r3" / "m.pt", str(tmp_path / "elsewhere" / "data" / "toy"), toy, init="plain", seed=2)
+    save_lm(tmp_path / "r4" / "m.pt", "data/zoo", other, init="chain")
+    save_lm(tmp_path / "r5" / "m.pt", "data/toy", toy, init="chain")
+    rep = analyse([tmp_path / "r5", tmp_path / "r4", tmp_path / "r1", tmp_path / "r2", tmp_path / "r3"], tmp_path)
+    assert rep.data["settings"]["group_by"] == ["corpus", "rnn_type", "init"]
+    labels = [g["label"] for g in rep.data["groups"]]
+    assert labels == sorted(labels) == ["toy [abababab] RNN chain", "toy [abababab] RNN plain",
+                                        "zoo [cdcdcdcd] RNN chain"]
+    assert [g["n"] for g in rep.data["groups"]] == [1, 3, 1]
+    # without a fingerprint, the path is normalised (trailing separator)
+    assert posthoc._corpus({"kind": "lm", "config.train.data": "data/toy/"}) == "data/toy"
+    assert posthoc._corpus({"kind": "task", "config.task": "copy"}) is None
+
+
+def test_numeric_groups_sort_by_value(tmp_path):
+    for seed in (10, 2, 1):
+        save_task(tmp_path / "s" / f"r{seed}" / "checkpoint.pt", layer_module("RNN", 1, 4, "chain"), seed=seed)
+    rep = analyse([tmp_path / "s"], tmp_path, group_by=("seed",))
+    assert [g["label"] for g in rep.data["groups"]] == ["1", "2", "10"]
+
+
+def test_unreliable_henrici_is_marked_in_json_and_table(tmp_path):
+    """A shuffled fbchain(0.99, 0.04) of 64 units: eigenvalues LAPACK cannot resolve. An exact
+    chain in the same run stays reliable."""
+    n = 64
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    bad = layer_module("RNN", 1, n, "fbchain")
+    with torch.no_grad():
+        fb = fbchain_(torch.empty(n, n), alpha=0.99, beta=0.04)
+        bad.weight_hh_l0.copy_(fb[p][:, p])
+    save_task(tmp_path / "a" / "checkpoint.pt", bad, init="fbchain")
+    save_task(tmp_path / "b" / "checkpoint.pt", layer_module("RNN", 1, n, "chain"), init="chain")
+    rep = analyse([tmp_path / "a", tmp_path / "b"], tmp_path, group_by=("init",))
+    data = json.loads(rep.json_path.read_text())
+    fb = next(r for r in data["checkpoints"] if r["fields"]["config.init"] == "fbchain")["layers"][0]["gates"]["h"]
+    ch = next(r for r in data["checkpoints"] if r["fields"]["config.init"] == "chain")["layers"][0]["gates"]["h"]
+    assert fb["henrici_reliable"] is False and fb["henrici_error"] > 0.01 * fb["henrici_raw"]
+    assert fb["eigenvalue_method"] == "general"
+    assert ch["henrici_reliable"] is True and ch["henrici_error"] == 0.0 and ch["eigenvalue_method"] == "triangular"
+    groups = {g["label"]: g["layers"][0]["gates"]["h"] for g in data["groups"]}
+    assert groups["fbchain"]["henrici_raw"]["n_unreliable"] == 1
+    assert groups["chain"]["henrici_raw"]["n_unreliable"] == 0
+    rows = {line.split()[0]: line for line in posthoc.format_table(data).splitlines()}
+    assert " *" in rows["fbchain"] and " *" not in rows["chain"]
+    assert "marked unreliable" in posthoc.format_table(data)
+
+
+def test_profile_plus_one_and_its_shuffled_null(tmp_path):
+    """An exact chain of 30 units with non-zero biases: p(+1) = alpha, far above the null of
+    random orders, whose mean at +1 is the mean off-diagonal weight (N-1) alpha / (N (N-1))."""
+    n, alpha = 30, 0.9
+    m = layer_module("RNN", 1, n, f"chain:alpha={alpha}")
+    with torch.no_grad():
+        m.bias_hh_l0.copy_(torch.linspace(-0.3, 0.3, n))
+    path = save_task(tmp_path / "c.pt", m)
+    entry = gate_of(analyse([path], tmp_path, null_samples=400), "h")
+    assert entry["profile_plus1"] == pytest.approx(alpha)
+    assert entry["null_plus1_mean"] == pytest.approx(alpha / n, abs=0.01)
+    assert entry["plus1_z"] > 10
+    assert "plus1_z" not in {k for k, v in gate_of(analyse([path], tmp_path, null_samples=0), "h").items()
+                             if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+@pytest.mark.parametrize("n", [100, 1150])
+def test_identity_heat_map_spans_its_largest_entry_with_readable_ticks(n):
+    from awd_nonnormal import plots
+    fig = plots.weight_heatmap({"trained": {"h": np.eye(n)}, "initial": {"h": 0.5 * np.eye(n)}})
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.images]
+        assert [ax.images[0].get_clim() for ax in axes] == [(-1.0, 1.0), (-0.5, 0.5)]
+        for ax in axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels()
+                         if t.get_text() and t.get_visible()]
+                assert 2 <= len(boxes) <= 6
+                assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    finally:
+        plots.pyplot().close(fig)
