@@ -95,22 +95,21 @@ def _structured_eigvals(w: Tensor) -> Optional[Tuple[str, Tensor, float]]:
     * symmetric: ``eigvalsh``; normal, so ``d = 0``.
     * triangular (a chain): the eigenvalues are the diagonal and ``d^2`` is the sum of squares of
       the off-diagonal entries (Schur form = the matrix itself).
-    * tridiagonal with ``W[i, i+1] W[i+1, i] >= 0`` (a chain with feedback): the diagonal
-      similarity ``D W D^-1`` with ``D_ii = prod_{k<i} sqrt(W[k+1, k] / W[k, k+1])`` is symmetric
-      with off-diagonal ``sqrt(W[i, i+1] W[i+1, i])`` (Wilkinson 1965, ch. 5): the same
-      eigenvalues, found by ``eigvalsh`` without forming D, whose entries span ``(alpha /
-      beta)^(N/2)``. Where a product is 0 the matrix is block triangular, and the blocks' spectra are
-      still those of the symmetric matrix. Then ``sum |lambda|^2 = ||T||_F^2``, so
+    * tridiagonal with ``W[i, i+1] W[i+1, i] >= 0`` (a chain with feedback): the characteristic
+      polynomial of a tridiagonal matrix depends only on its diagonal and the products
+      ``W[i, i+1] W[i+1, i]`` (three-term recurrence), so W has the eigenvalues of the symmetric
+      ``T`` with off-diagonal ``sqrt(W[i, i+1] W[i+1, i])``, found by ``eigvalsh`` (for non-zero
+      products ``T = D W D^-1``, a diagonal similarity whose entries would span
+      ``(alpha / beta)^(N/2)``; Wilkinson 1965, ch. 5). Then ``sum |lambda|^2 = ||T||_F^2``, so
       ``d^2 = sum_i (|W[i, i+1]| - |W[i+1, i]|)^2`` exactly.
     """
-    n = w.shape[0]
     if torch.equal(w, w.T):
         return "symmetric", torch.linalg.eigvalsh(w).to(torch.complex128), 0.0
     lower, upper = torch.equal(w, torch.tril(w)), torch.equal(w, torch.triu(w))
     if lower or upper:
         off = w - torch.diag(w.diagonal())
         return "triangular", w.diagonal().to(torch.complex128), _sum_sq(off)
-    if n > 2 and torch.equal(w, torch.triu(torch.tril(w, 1), -1)):
+    if torch.equal(w, torch.triu(torch.tril(w, 1), -1)):
         up, down = w.diagonal(1), w.diagonal(-1)   # W[i, i+1], W[i+1, i]
         prod = up * down
         if bool((prod >= 0).all()):

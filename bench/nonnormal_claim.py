@@ -1,7 +1,7 @@
 """Do trained recurrent networks drift toward chain-like, non-normal weights (paper Table 2,
 Figures 5-6)? Train small character language models on a generated corpus and measure.
 
-    python bench/nonnormal_claim.py [--out runs/claim] [--epochs 15] [--nhid 128] [--seeds 2]
+    python bench/nonnormal_claim.py [--out runs/claim] [--epochs 8] [--nhid 128] [--seeds 2]
                                     [--figures docs/figures]
 
 What it does, all on the CPU with one thread:
@@ -100,7 +100,7 @@ def _fmt(stat) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/claim", help="working folder (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs per model (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per model (default: %(default)s)")
     p.add_argument("--nhid", type=int, default=128, help="hidden units (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per model (default: %(default)s)")

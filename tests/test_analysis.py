@@ -366,3 +366,22 @@ def test_general_matrices_are_reliable_when_well_conditioned():
     assert sp.method == "general" and sp.henrici.reliable and sp.radius_reliable
     assert sp.henrici.raw == pytest.approx(math.sqrt(float((w ** 2).sum() - (ev.abs() ** 2).sum())), rel=1e-9)
     assert sp.henrici.error < 1e-6 * sp.henrici.raw
+
+
+def test_tridiagonal_method_agrees_with_lapack_where_lapack_is_accurate():
+    """Small tridiagonal matrices with products >= 0 (some exactly 0, one row only feedback):
+    same eigenvalues and d(W) as the plain dense computation, which is accurate at N = 6.
+    A negative product is left to the general method."""
+    w = torch.zeros(6, 6, dtype=F64)
+    w.diagonal().copy_(torch.tensor([0.3, -0.2, 0.5, 0.1, 0.0, 0.4], dtype=F64))
+    w.diagonal(-1).copy_(torch.tensor([0.9, 0.0, 1.1, 0.7, 0.8], dtype=F64))
+    w.diagonal(1).copy_(torch.tensor([0.2, 0.6, 0.3, 0.0, 0.1], dtype=F64))
+    sp = A.spectrum(w)
+    ev = torch.linalg.eigvals(w)
+    assert sp.method == "tridiagonal"
+    assert sorted(sp.eigvals.real.tolist()) == pytest.approx(sorted(ev.real.tolist()), abs=1e-12)
+    assert ev.imag.abs().max() < 1e-12
+    want = math.sqrt(float((w ** 2).sum() - (ev.abs() ** 2).sum()))
+    assert sp.henrici.raw == pytest.approx(want, rel=1e-10)
+    w[2, 3] = -0.3
+    assert A.spectrum(w).method == "general"

@@ -56,6 +56,7 @@ COMMANDS = [
     [sys.executable, "-m", "awd_nonnormal.experiments", "decoding"],
     [sys.executable, "bench/rnn_speed.py"],
     [sys.executable, "bench/lm_speed.py"],
+    [sys.executable, "bench/nonnormal_claim.py"],
     ["bash", "getdata.sh"],
 ]
 
