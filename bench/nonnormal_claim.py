@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from awd_nonnormal.posthoc import PosthocConfig, run  # noqa: E402
 
 #: (label, main.py flags) of the models trained.
@@ -106,6 +108,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=2, help="seeds per model (default: %(default)s)")
     p.add_argument("--figures", default=None, metavar="DIR", help="copy the profile figures here")
     args = p.parse_args()
+    torch.set_num_threads(1)
     out = Path(args.out)
     corpus = out / "corpus"
     if not (corpus / "test.txt").exists():
