@@ -211,8 +211,8 @@ def _measure_layer(layer: Layer, index: int, nonlinearity: Optional[str], steps:
             "null_plus1_mean": math.nan, "null_plus1_std": math.nan, "plus1_z": math.nan,
         }
         if null_samples and n > 1:
-            null = shuffled_profiles(block, null_samples, null_generator)
-            mean, std = _plus1(offsets, null.mean), _plus1(offsets, null.std)
+            null = shuffled_profiles(block, null_samples, null_generator, offsets=(1,))
+            mean, std = float(null.mean[0]), float(null.std[0])
             entry.update(null_plus1_mean=mean, null_plus1_std=std,
                          plus1_z=(entry["profile_plus1"] - mean) / std if std > 0 else math.nan)
         for what, flag in (("Henrici index", "henrici_reliable"), ("spectral radius", "spectral_radius_reliable")):

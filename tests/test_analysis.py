@@ -385,3 +385,16 @@ def test_tridiagonal_method_agrees_with_lapack_where_lapack_is_accurate():
     assert sp.henrici.raw == pytest.approx(want, rel=1e-10)
     w[2, 3] = -0.3
     assert A.spectrum(w).method == "general"
+
+
+def test_shuffled_null_at_chosen_offsets_matches_the_full_null():
+    """The same seed gives the same orders, so the O(N) per-offset path equals the full profile's."""
+    n = 9
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(2), dtype=F64)
+    full = A.shuffled_profiles(w, 50, torch.Generator().manual_seed(3))
+    some = A.shuffled_profiles(w, 50, torch.Generator().manual_seed(3), offsets=(1, -2, 0, 8))
+    idx = torch.tensor([1, -2, 0, 8]) + n - 1
+    assert torch.allclose(some.mean, full.mean[idx], atol=1e-12)
+    assert torch.allclose(some.std, full.std[idx], atol=1e-12)
+    with pytest.raises(ValueError, match="offsets"):
+        A.shuffled_profiles(w, 5, offsets=(9,))
