@@ -506,17 +506,28 @@ def test_unreliable_henrici_is_marked_in_json_and_table(tmp_path):
     p = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     bad = layer_module("RNN", 1, n, "fbchain")
     with torch.no_grad():
-        fb = fbchain_(torch.empty(n, n), alpha=0.99, beta=0.04)
-        bad.weight_hh_l0.copy_(fb[p][:, p])
+        fbw = fbchain_(torch.empty(n, n), alpha=0.99, beta=0.04)
+        bad.weight_hh_l0.copy_(fbw[p][:, p])
     save_task(tmp_path / "a" / "checkpoint.pt", bad, init="fbchain")
     save_task(tmp_path / "b" / "checkpoint.pt", layer_module("RNN", 1, n, "chain"), init="chain")
-    rep = analyse([tmp_path / "a", tmp_path / "b"], tmp_path, group_by=("init",))
+    good = layer_module("RNN", 1, n, "fbchain")
+    with torch.no_grad():
+        good.weight_hh_l0.copy_(fbw)
+    save_task(tmp_path / "c" / "checkpoint.pt", good, init="fbchain-in-order")
+    rep = analyse([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path, group_by=("init",))
     data = json.loads(rep.json_path.read_text())
     fb = next(r for r in data["checkpoints"] if r["fields"]["config.init"] == "fbchain")["layers"][0]["gates"]["h"]
     ch = next(r for r in data["checkpoints"] if r["fields"]["config.init"] == "chain")["layers"][0]["gates"]["h"]
     assert fb["henrici_reliable"] is False and fb["henrici_error"] > 0.01 * fb["henrici_raw"]
     assert fb["eigenvalue_method"] == "general"
     assert ch["henrici_reliable"] is True and ch["henrici_error"] == 0.0 and ch["eigenvalue_method"] == "triangular"
+    exact = next(r for r in data["checkpoints"] if r["fields"]["config.init"] == "fbchain-in-order")
+    exact = exact["layers"][0]["gates"]["h"]
+    lam = [2 * math.sqrt(0.99 * 0.04) * math.cos(k * math.pi / (n + 1)) for k in range(1, n + 1)]
+    fro2 = float((fbw.double() ** 2).sum())   # float32 entries, as stored
+    assert exact["henrici_raw"] == pytest.approx(math.sqrt(fro2 - sum(x * x for x in lam)), rel=1e-6)
+    assert exact["spectral_radius"] == pytest.approx(max(lam), rel=1e-6)
+    assert exact["henrici_reliable"] is True and exact["eigenvalue_method"] == "tridiagonal"
     groups = {g["label"]: g["layers"][0]["gates"]["h"] for g in data["groups"]}
     assert groups["fbchain"]["henrici_raw"]["n_unreliable"] == 1
     assert groups["chain"]["henrici_raw"]["n_unreliable"] == 0
