@@ -19,8 +19,8 @@ Choices made here (the README's analysis section shows the outputs):
 
 * One ordering per layer: the pulse goes through the whole layer (all gates, PyTorch's cell
   equations), units are ordered by the peak time of the layer's hidden state ``h``, and that one
-  order is applied to the recurrent block of every gate (the paper's section 3.2). Layer ``k > 0`` gets the pulse (a vector
-  of ones) at its own input, not through the layers below.
+  order is applied to the recurrent block of every gate (the paper's section 3.2). Layer ``k > 0``
+  gets the pulse (a vector of ones) at its own input, not through the layers below.
 * The peak time is that of ``|h_pulse - h_bias|``, the pulse run minus the zero-input run of the
   same layer (the biases alone drive every unit), over at least N steps for N units, so a chain is
   found whatever its biases and length; units the pulse never reaches come last.
