@@ -847,7 +847,7 @@ def format_table(data: Mapping[str, Any]) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     group_by = data["settings"].get("group_by") or []
     lines.append(f"groups by: {', '.join(group_by) if group_by else '(one group)'}; "
-                 "mean +- s.e.m. (std ddof=1 / sqrt n; n/a for n = 1); p(+1): mean weight at i - j = +1 "
+                 "mean +- s.e.m. (std ddof=1 / sqrt n; 0 for n = 1); p(+1): mean weight at i - j = +1 "
                  "in peak order; z(+1): (p(+1) - null mean) / null std over random unit orders")
     if unreliable:
         lines.append("* includes values marked unreliable: ill-conditioned eigenvalues, estimated error "
