@@ -75,7 +75,7 @@ def test_tasks_sweep(tmp_path):
 def test_tasks_sweep_scale_values(tmp_path):
     grid = S.grid_from_args(models="fbchain", lrs="1e-3", seeds="1", values=["fbchain.scale=0.06"])
     plan = S.plan_sweep(grid, {"task": "copy", "hidden": N}, tmp_path)
-    assert [r.config.init_scale for r in plan.runs] == [0.06]
+    assert [r.config.init.params["scale"] for r in plan.runs] == [0.06]
     assert torch.allclose(T.build_model(plan.runs[0].config).rnn.weight_hh_l0.detach(),
                           expected_fbchain(N, 0.99, 0.06))
 
