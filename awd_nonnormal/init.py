@@ -20,6 +20,12 @@ name                    recurrent block ``W`` (N x N)                           
 
 and the LSTM preset ``mixed`` (paper section 3.3): ``ramp`` in the sigmoid gates, ``chain`` with
 ``alpha = 1.02`` in the tanh gate (``g`` for an LSTM, ``n`` for a GRU, ``h`` for a vanilla RNN).
+The ``chain`` preset of an LSTM also uses ``alpha = 1.02``, the default of the paper's PyTorch
+port that made Table 3; vanilla RNNs and GRUs get the paper's ``alpha = 1``.
+
+The generic ``scale`` (``--init-scale``) sets the parameter the paper sweeps, named by each
+initializer's ``gain`` in the registry: ``alpha`` of ``chain``, ``beta`` of ``fbchain`` (the paper
+fixes its feed-forward weight at 0.99), ``scale`` (lambda) of ``identity`` and ``orthogonal``.
 
 A spec names what every block gets. It is a comma-separated list of entries:
 
@@ -28,9 +34,14 @@ A spec names what every block gets. It is a comma-separated list of entries:
   initializer of ``NAME`` unless ``input=`` says otherwise);
 * ``input=NAME[:k=v...]``: every input block.
 
-For example ``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp`` (which is the ``mixed`` preset) or
-``orthogonal,g=chain``. The chain runs 0 -> 1 -> ... -> N-1 (the paper's section 3.1.1); the public port of
-the paper's PyTorch code builds its transpose (``W[i, i+1]``), which this module does not repeat.
+A value is a number, or one of a parameter's named choices (a ``Literal`` annotation), such as
+``direction``. For example ``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp`` (which is the ``mixed``
+preset), ``orthogonal,g=chain`` or ``mixed:direction=reverse``.
+
+Direction: the chain runs 0 -> 1 -> ... -> N-1, so the ``source`` input (channel k into unit k)
+enters at the chain's start. The public port of the paper's PyTorch code, which made its
+language-model numbers, builds the transpose of ``chain``, ``fbchain`` and ``ramp``
+(``W[i, i+1]``: the input enters the sink end); ``direction="reverse"`` builds exactly that.
 """
 
 from __future__ import annotations
@@ -44,7 +55,8 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple,
+                    Union, get_args, get_origin, get_type_hints)
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +66,7 @@ from .utils import parse_number
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GATES", "PRESETS", "InitSpecError", "GateInit", "InitSpec",
+    "GATES", "PRESETS", "DIRECTIONS", "InitSpecError", "GateInit", "InitSpec",
     "register", "get", "available", "input_init_for", "gain_param",
     "chain_", "fbchain_", "identity_", "orthogonal_", "plain_", "ramp_", "source_", "normal_",
     "parse_spec", "plan", "apply_init", "recurrent_layers", "load_plugin", "load_entry_points",
@@ -71,6 +83,12 @@ GATES: Dict[str, Tuple[str, ...]] = {
 TANH_GATE = {"RNN": "h", "LSTM": "g", "GRU": "n"}
 
 Initializer = Callable[..., Tensor]
+#: A parameter value in a spec: a number, or one of a parameter's named choices.
+ParamValue = Union[float, str]
+#: ``forward``: the paper's formulas (unit 0 is the source); ``reverse``: their exact transpose, as
+#: built by the paper's public PyTorch port (which made its language-model numbers).
+Direction = Literal["forward", "reverse"]
+DIRECTIONS: Tuple[str, ...] = get_args(Direction)
 
 
 class InitSpecError(ValueError):
@@ -150,6 +168,26 @@ def _takes_generator(fn: Initializer) -> bool:
     return "generator" in inspect.signature(fn).parameters
 
 
+def _choices_of(fn: Initializer) -> Dict[str, Tuple[str, ...]]:
+    """The parameters of an initializer annotated ``Literal[...]`` and their valid values; the
+    others take numbers."""
+    try:
+        hints = get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - a plug-in's unresolvable annotation: numbers only
+        return {}
+    return {k: tuple(get_args(v)) for k, v in hints.items() if get_origin(v) is Literal}
+
+
+def _directed(w: Tensor, direction: str, name: str) -> Tensor:
+    """``w`` as built (``forward``) or replaced by its transpose (``reverse``)."""
+    if direction not in DIRECTIONS:
+        raise InitSpecError(f"{name}: direction must be one of {', '.join(DIRECTIONS)}, "
+                            f"got {direction!r}")
+    if direction == "reverse":
+        w.copy_(w.t().clone())
+    return w
+
+
 # --------------------------------------------------------------------------------------------
 # Block initializers (in place, torch.nn.init convention)
 # --------------------------------------------------------------------------------------------
@@ -161,27 +199,33 @@ def _check_square(w: Tensor, name: str) -> int:
 
 
 @register("chain", input_init="source", gain="alpha")
-def chain_(w: Tensor, alpha: float = 1.0) -> Tensor:
+def chain_(w: Tensor, alpha: float = 1.0, direction: Direction = "forward") -> Tensor:
     """Feed-forward chain 0 -> 1 -> ... -> N-1: ``W[i, i-1] = alpha`` (Orhan & Pitkow 2020, eq. in
-    section 2.1: ``W_ij = alpha * delta_{j, i-1}``), all else 0."""
+    section 2.1: ``W_ij = alpha * delta_{j, i-1}``), all else 0. ``direction="reverse"``: the
+    transpose ``W[i, i+1] = alpha`` of the paper's PyTorch port (N-1 -> ... -> 0)."""
     n = _check_square(w, "chain")
     with torch.no_grad():
         w.zero_()
         idx = torch.arange(1, n, device=w.device)
         w[idx, idx - 1] = alpha  # row i (target) receives from column i-1 (source)
+        _directed(w, direction, "chain")
     return w
 
 
-@register("fbchain", input_init="source", gain="alpha")
-def fbchain_(w: Tensor, alpha: float = 0.99, beta: float = 0.04) -> Tensor:
+@register("fbchain", input_init="source", gain="beta")
+def fbchain_(w: Tensor, alpha: float = 0.99, beta: float = 0.04,
+             direction: Direction = "forward") -> Tensor:
     """Chain with feedback: ``W_ij = alpha delta_{j,i-1} + beta delta_{j,i+1}`` (paper section 2.1);
-    the paper's synthetic tasks fix ``alpha = 0.99`` and sweep ``beta``."""
+    the paper's synthetic tasks fix ``alpha = 0.99`` and sweep ``beta``, so the generic ``scale``
+    (``--init-scale``, the paper's ``--init_scale``) sets ``beta``. ``direction="reverse"``: the
+    transpose, as the paper's PyTorch port builds it."""
     n = _check_square(w, "fbchain")
     with torch.no_grad():
         w.zero_()
         idx = torch.arange(1, n, device=w.device)
         w[idx, idx - 1] = alpha  # feed-forward: i-1 -> i
         w[idx - 1, idx] = beta   # feedback:     i -> i-1
+        _directed(w, direction, "fbchain")
     return w
 
 
@@ -214,15 +258,18 @@ def plain_(w: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
 
 
 @register("ramp", input_init="source")
-def ramp_(w: Tensor, eps: float = 0.01) -> Tensor:
+def ramp_(w: Tensor, eps: float = 0.01, direction: Direction = "forward") -> Tensor:
     """Monotonic profile ``W[i, j] = eps * (i - j) / (N - 1)`` (paper section 3.3, the sigmoid
-    gates of the ``mixed`` LSTM): the weight grows linearly with the order difference ``i - j``."""
+    gates of the ``mixed`` LSTM): the weight grows linearly with the order difference ``i - j``.
+    ``direction="reverse"``: the transpose, as the paper's PyTorch port builds it."""
     n = _check_square(w, "ramp")
     with torch.no_grad():
         if n == 1:
-            return w.zero_()
-        i = torch.arange(n, dtype=w.dtype, device=w.device)
-        w.copy_(eps * (i[:, None] - i[None, :]) / (n - 1))
+            w.zero_()
+        else:
+            i = torch.arange(n, dtype=w.dtype, device=w.device)
+            w.copy_(eps * (i[:, None] - i[None, :]) / (n - 1))
+        _directed(w, direction, "ramp")
     return w
 
 
@@ -259,18 +306,18 @@ def zeros_(w: Tensor) -> Tensor:
 class GateInit:
     """What one gate gets: a recurrent initializer and an input initializer, with parameters."""
     recurrent: str
-    recurrent_params: Mapping[str, float] = field(default_factory=dict)
+    recurrent_params: Mapping[str, ParamValue] = field(default_factory=dict)
     input: Optional[str] = None  # None: the recurrent initializer's paired input init
-    input_params: Mapping[str, float] = field(default_factory=dict)
+    input_params: Mapping[str, ParamValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class InitSpec:
     """A parsed spec: an optional base plus per-gate and input overrides."""
     base: Optional[str] = None
-    base_params: Mapping[str, float] = field(default_factory=dict)
-    gates: Mapping[str, Tuple[str, Mapping[str, float]]] = field(default_factory=dict)
-    input: Optional[Tuple[str, Mapping[str, float]]] = None
+    base_params: Mapping[str, ParamValue] = field(default_factory=dict)
+    gates: Mapping[str, Tuple[str, Mapping[str, ParamValue]]] = field(default_factory=dict)
+    input: Optional[Tuple[str, Mapping[str, ParamValue]]] = None
 
 
 def _mixed(cell: str) -> Dict[str, GateInit]:
@@ -279,10 +326,18 @@ def _mixed(cell: str) -> Dict[str, GateInit]:
             else GateInit("ramp", {}, "source") for g in GATES[cell]}
 
 
+def _chain_preset(cell: str) -> Dict[str, GateInit]:
+    # The LSTM chain of Table 3 came from the paper's PyTorch port, whose LSTM chain default is
+    # alpha = 1.02 (as in ``mixed``); vanilla RNNs and GRUs keep the paper's alpha = 1.
+    params = {"alpha": 1.02} if cell == "LSTM" else {}
+    return {g: GateInit("chain", params, "source") for g in GATES[cell]}
+
+
 #: Named presets: ``cell type -> {gate: GateInit}``. The five single-initializer presets give every
-#: gate the same recurrent block and its paired input block; ``mixed`` is the paper's LSTM scheme.
+#: gate the same recurrent block and its paired input block (the LSTM ``chain`` with alpha 1.02);
+#: ``mixed`` is the paper's LSTM scheme.
 PRESETS: Dict[str, Callable[[str], Dict[str, GateInit]]] = {
-    "chain": lambda cell: {g: GateInit("chain", {}, "source") for g in GATES[cell]},
+    "chain": _chain_preset,
     "fbchain": lambda cell: {g: GateInit("fbchain", {}, "source") for g in GATES[cell]},
     "identity": lambda cell: {g: GateInit("identity", {}, "normal") for g in GATES[cell]},
     "orthogonal": lambda cell: {g: GateInit("orthogonal", {}, "normal") for g in GATES[cell]},
@@ -295,17 +350,31 @@ def _number(text: str, where: str) -> float:
     return parse_number(text, where, error=InitSpecError)
 
 
+def _members(name: str) -> List[str]:
+    """The initializers a spec name stands for: a preset's, or the name itself."""
+    return ([g.recurrent for g in PRESETS[name]("LSTM").values()]
+            if name in PRESETS and name not in _REGISTRY else [name])
+
+
+def _choices(name: str, key: str) -> Optional[Tuple[str, ...]]:
+    """The named choices of parameter ``key`` of ``name`` (None: it takes a number)."""
+    for n in _members(name):
+        found = _choices_of(get(n)).get(key)
+        if found:
+            return found
+    return None
+
+
 def _accepted(name: str) -> List[str]:
     """Parameters that a spec may give ``name``: its own, plus ``scale`` where it has a gain."""
-    names = ([g.recurrent for g in PRESETS[name]("LSTM").values()]
-             if name in PRESETS and name not in _REGISTRY else [name])
+    names = _members(name)
     accepted = {p for n in names for p in _params_of(get(n))}
     if any(gain_param(n) for n in names):
         accepted.add("scale")
     return sorted(accepted)
 
 
-def _check_params(name: str, params: Mapping[str, float], where: str) -> None:
+def _check_params(name: str, params: Mapping[str, ParamValue], where: str) -> None:
     accepted = _accepted(name)
     for key in params:
         if key not in accepted:
@@ -313,20 +382,30 @@ def _check_params(name: str, params: Mapping[str, float], where: str) -> None:
                                 f"it accepts: {', '.join(accepted) or 'none'}")
 
 
-def _parse_term(term: str, where: str) -> Tuple[str, Dict[str, float]]:
+def _value(name: str, key: str, text: str, where: str) -> ParamValue:
+    """A spec value: one of the parameter's named choices, or a number."""
+    choices = _choices(name, key)
+    if choices is None:
+        return _number(text, f"{where}: {name}:{key}")
+    if text not in choices:
+        raise InitSpecError(f"{where}: {name}:{key} {text!r} is not valid; valid: {', '.join(choices)}")
+    return text
+
+
+def _parse_term(term: str, where: str) -> Tuple[str, Dict[str, ParamValue]]:
     """``name:k=v:k=v`` -> (name, {k: v})."""
     name, *pairs = [t.strip() for t in term.split(":")]
     if not name:
         raise InitSpecError(f"{where}: missing initializer name")
     if name not in PRESETS:
         _entry(name)
-    params: Dict[str, float] = {}
+    params: Dict[str, ParamValue] = {}
     for pair in pairs:
         if "=" not in pair:
             raise InitSpecError(f"{where}: parameter {pair!r} should look like key=value")
         key, value = (s.strip() for s in pair.split("=", 1))
-        params[key] = _number(value, f"{where}: {name}:{key}")
-    _check_params(name, params, where)
+        _check_params(name, {key: 0.0}, where)
+        params[key] = _value(name, key, value, where)
     return name, params
 
 
@@ -366,7 +445,7 @@ def parse_spec(spec: str) -> InitSpec:
     return InitSpec(base, base_params, gates, inp)
 
 
-def _route(name: str, params: Mapping[str, float]) -> Dict[str, float]:
+def _route(name: str, params: Mapping[str, ParamValue]) -> Dict[str, ParamValue]:
     """Keep the params that initializer ``name`` accepts; map the generic ``scale`` onto its gain."""
     accepted = _params_of(get(name))
     out = {k: v for k, v in params.items() if k in accepted}
@@ -380,13 +459,24 @@ def _route(name: str, params: Mapping[str, float]) -> Dict[str, float]:
     return out
 
 
-def plan(spec: Union[str, InitSpec], cell: str, **params: float) -> Dict[str, GateInit]:
+def _check_values(name: str, params: Mapping[str, ParamValue]) -> None:
+    """Each value is one of its parameter's named choices, or a number where it has none."""
+    choices = _choices_of(get(name))
+    for key, value in params.items():
+        if key in choices and value not in choices[key]:
+            raise InitSpecError(f"{name}: {key} {value!r} is not valid; valid: {', '.join(choices[key])}")
+        if key not in choices and isinstance(value, str):
+            raise InitSpecError(f"{name}: {key} {value!r} is not a number")
+
+
+def plan(spec: Union[str, InitSpec], cell: str, **params: ParamValue) -> Dict[str, GateInit]:
     """Resolve ``spec`` for a cell type (``RNN``, ``LSTM``, ``GRU``) into ``{gate: GateInit}``.
 
-    ``params`` (e.g. ``alpha=1.05``, ``scale=1.01``) go to every recurrent initializer that accepts
-    them; ``scale`` also sets each initializer's gain (``alpha`` for the chains, ``scale`` for
-    identity and orthogonal). A parameter that no gate accepts is an error. Parameters written in
-    the spec win over ``params``.
+    ``params`` (e.g. ``alpha=1.05``, ``scale=1.01``, ``direction="reverse"``) go to every
+    recurrent initializer that accepts them; ``scale`` also sets each initializer's gain (the one
+    place that says which: ``register(..., gain=)``, read by :func:`gain_param`): ``alpha`` of
+    ``chain``, ``beta`` of ``fbchain``, ``scale`` (lambda) of identity and orthogonal. A parameter
+    that no gate accepts is an error. Parameters written in the spec win over ``params``.
     """
     if cell not in GATES:
         raise InitSpecError(f"unknown cell type {cell!r}; known: {', '.join(GATES)}")
@@ -417,6 +507,7 @@ def plan(spec: Union[str, InitSpec], cell: str, **params: float) -> Dict[str, Ga
         # later sources win: preset defaults, then the caller's params, then the spec's own
         rec_params = {**_route(gi.recurrent, gi.recurrent_params), **_route(gi.recurrent, params),
                       **_route(gi.recurrent, spec_params)}
+        _check_values(gi.recurrent, rec_params)
         used |= {k for k in params if k in rec_params or (k == "scale" and gain_param(gi.recurrent))}
         in_name = gi.input or input_init_for(gi.recurrent) or "normal"
         in_params = dict(gi.input_params)
@@ -486,7 +577,7 @@ def recurrent_layers(tensors: Union[nn.Module, Mapping[str, Tensor]]) -> Iterato
                              find("bias_ih"), find("bias_hh"))
 
 
-def _call(name: str, w: Tensor, params: Mapping[str, float], generator: Optional[torch.Generator]) -> None:
+def _call(name: str, w: Tensor, params: Mapping[str, ParamValue], generator: Optional[torch.Generator]) -> None:
     fn = get(name)
     kwargs = dict(params)
     if generator is not None and _takes_generator(fn):
@@ -495,13 +586,13 @@ def _call(name: str, w: Tensor, params: Mapping[str, float], generator: Optional
 
 
 def apply_init(module: nn.Module, spec: Union[str, InitSpec], *, zero_bias: bool = False,
-               generator: Optional[torch.Generator] = None, **params: float) -> nn.Module:
+               generator: Optional[torch.Generator] = None, **params: ParamValue) -> nn.Module:
     """Initialise every recurrent layer of ``module`` (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, the
     project's :class:`~awd_nonnormal.rnn.RNN`, one or more layers, or any module that holds them)
     gate by gate according to ``spec``; see the module docstring for the spec language.
 
     ``params`` reach every recurrent initializer that accepts them (``alpha``, ``beta``, ``eps``,
-    ``scale``); ``zero_bias`` sets all recurrent biases to 0 (the synthetic tasks' convention), else
+    ``scale``, ``direction``); ``zero_bias`` sets all recurrent biases to 0 (the synthetic tasks' convention), else
     biases keep their values. Returns ``module``.
     """
     layers = list(recurrent_layers(module))
@@ -669,8 +760,9 @@ def check_init(options: InitOptions, cell: str, load: bool = True) -> None:
 
 def add_init_arguments(parser, *, default_spec: Optional[str] = None, shown_default: str = "plain",
                        zero_bias_flag: bool = True,
-                       gain_help: str = "the gain of every initializer that has one "
-                                        "(alpha of the chains, lambda of identity/orthogonal)"):
+                       gain_help: str = "the parameter the paper sweeps, for every initializer "
+                                        "that has one: alpha of chain, beta of fbchain (its alpha "
+                                        "stays 0.99), lambda of identity/orthogonal"):
     """The init flags as one argparse group: ``--init``, ``--init-alpha``, ``--init-beta``,
     ``--init-scale``, ``--init-eps``, ``--init-plugin`` (repeatable) and, with ``zero_bias_flag``,
     ``--init-zero-bias``. ``--init`` defaults to ``default_spec`` (None: not given, which a caller

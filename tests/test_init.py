@@ -62,6 +62,54 @@ def test_chain_pulse_through_torch_rnn():
         assert out[k, 0, k].item() == pytest.approx(0.9)
 
 
+def test_chain_pulse_pins_forward_as_the_default_direction():
+    """The default is the paper's direction, however the chain is named: explicitly forward, or
+    nothing said, both run 0 -> 1 -> ...; reverse (the port) sends unit 0's pulse nowhere."""
+    for spec in ("chain", "chain:direction=forward"):
+        rnn = nn.RNN(2, 5, nonlinearity="relu")
+        I.apply_init(rnn, spec, zero_bias=True)
+        x = torch.zeros(5, 1, 2)
+        x[0, 0, 0] = 1.0
+        out, _ = rnn(x)
+        assert [torch.nonzero(out[k, 0]).flatten().tolist() for k in range(5)] == [[k] for k in range(5)]
+    rnn = nn.RNN(2, 5, nonlinearity="relu")
+    I.apply_init(rnn, "chain:direction=reverse", zero_bias=True)
+    x = torch.zeros(5, 1, 2)
+    x[0, 0, 0] = 1.0
+    out, _ = rnn(x)
+    assert torch.nonzero(out[0, 0]).flatten().tolist() == [0]
+    assert out[1:].abs().sum() == 0  # unit 0 is the sink of the reversed chain
+
+
+@pytest.mark.parametrize("cell,module", [
+    ("RNN", lambda: nn.RNN(D, N)), ("LSTM", lambda: nn.LSTM(D, N)), ("GRU", lambda: nn.GRU(D, N)),
+])
+@pytest.mark.parametrize("spec", ["chain:alpha=1.03", "fbchain:alpha=0.9:beta=0.05", "ramp:eps=0.3",
+                                  "mixed"])
+def test_reverse_is_the_exact_transpose_of_forward(cell, module, spec):
+    fwd, rev, kw = module(), module(), module()
+    I.apply_init(fwd, spec)
+    I.apply_init(rev, spec + ":direction=reverse")
+    I.apply_init(kw, spec, direction="reverse")
+    k = len(I.GATES[cell])
+    for f, r, w in zip(blocks(fwd.weight_hh_l0, k), blocks(rev.weight_hh_l0, k), blocks(kw.weight_hh_l0, k)):
+        assert not torch.equal(f, f.T)  # none of these blocks is symmetric: the test can fail
+        assert torch.equal(r, f.T) and torch.equal(w, f.T)
+    assert torch.equal(rev.weight_ih_l0, fwd.weight_ih_l0)  # the input blocks stay
+
+
+def test_direction_in_per_gate_specs():
+    fwd, rev = nn.LSTM(D, N), nn.LSTM(D, N)
+    I.apply_init(fwd, "i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp")
+    I.apply_init(rev, "i=ramp,f=ramp,g=chain:alpha=1.02:direction=reverse,o=ramp:direction=reverse")
+    for gate, f, r in zip("ifgo", blocks(fwd.weight_hh_l0, 4), blocks(rev.weight_hh_l0, 4)):
+        assert torch.equal(r, f.T if gate in "go" else f)
+    with pytest.raises(I.InitSpecError, match="chain: direction 'up' is not valid; valid: forward, reverse"):
+        I.apply_init(nn.RNN(D, N), "chain", direction="up")
+    with pytest.raises(I.InitSpecError, match="alpha 'big' is not a number"):
+        I.apply_init(nn.RNN(D, N), "chain", alpha="big")
+
+
 def test_block_values():
     assert torch.equal(I.chain_(torch.empty(N, N), alpha=1.02), expected_chain(N, 1.02))
     fb = I.fbchain_(torch.empty(N, N), alpha=0.99, beta=0.04)
@@ -120,8 +168,8 @@ def test_presets_give_documented_blocks(cell, module, layers):
             d = D if layer == 0 else N  # layer > 0 reads the N-dim output: a square input block
             for gate, w, v in zip(I.GATES[cell], hh, ih):
                 assert v.shape == (N, d)
-                if preset == "chain":
-                    assert torch.equal(w, expected_chain(N))
+                if preset == "chain":  # the LSTM preset follows the port's default alpha
+                    assert torch.allclose(w, expected_chain(N, 1.02 if cell == "LSTM" else 1.0))
                     assert torch.equal(v, 0.9 * torch.eye(N, d))
                 elif preset == "fbchain":
                     assert torch.allclose(w, I.fbchain_(torch.empty(N, N)))
@@ -214,7 +262,7 @@ def test_nested_module_and_state_dict_discovery():
 
     net = Net()
     I.apply_init(net, "chain")
-    assert torch.equal(blocks(net.rnns[1].weight_hh_l0, 4)[2], expected_chain(4))
+    assert torch.allclose(blocks(net.rnns[1].weight_hh_l0, 4)[2], expected_chain(4, 1.02))  # LSTM preset
     layers = list(I.recurrent_layers(net.state_dict()))
     assert [(l.name, l.cell) for l in layers] == [("rnns.0.weight_hh_l0", "LSTM"), ("rnns.1.weight_hh_l0", "LSTM")]
     assert layers[1].weight_ih.shape == (16, N)
@@ -232,7 +280,10 @@ def test_nested_module_and_state_dict_discovery():
     ("nosuch", "unknown initializer 'nosuch'; known: chain, fbchain, identity, mixed"),
     ("i=nosuch,f=ramp,g=ramp,o=ramp", "unknown initializer 'nosuch'"),
     ("chain,q=ramp", "unknown gate 'q'; gates are RNN: h; LSTM: i f g o; GRU: r z n"),
-    ("chain:gamma=1", "'chain' has no parameter 'gamma'; it accepts: alpha, scale"),
+    ("chain:gamma=1", "'chain' has no parameter 'gamma'; it accepts: alpha, direction, scale"),
+    ("chain:direction=sideways", "chain:direction 'sideways' is not valid; valid: forward, reverse"),
+    ("mixed:direction=up", "mixed:direction 'up' is not valid; valid: forward, reverse"),
+    ("identity:direction=reverse", "'identity' has no parameter 'direction'"),
     ("chain:alpha=abc", "'abc' is not a number"),
     ("chain:alpha=nan", "not a finite number"),
     ("chain:alpha", "should look like key=value"),

@@ -126,13 +126,14 @@ def test_early_stop_and_nan(tmp_path):
     assert json.loads((tmp_path / "nan" / T.RESULT_FILE).read_text())["status"] == "diverged"
 
 
-def test_overflowing_gradient_norm(tmp_path):
+@pytest.mark.parametrize("clip_mode", ["global", "tensor"])
+def test_overflowing_gradient_norm(tmp_path, clip_mode):
     """chain(7) over 30 steps: the activity reaches ~7^29 * 0.9 ~ 1e24 and the loss stays finite,
-    but the gradient's squared norm overflows float32, so clipping zeroes every update (as Keras'
-    clipnorm does). The run goes on as long as that could pass; after a whole epoch of batches
+    but the gradient's squared norm overflows float32, so clipping zeroes every gradient (as Keras'
+    clipnorm does) and the step is skipped, in global and in tensor mode. The run goes on as long as that could pass; after a whole epoch of batches
     in a row without an update it is reported as diverged instead of trained on for nothing."""
     c = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=3, lr=1e-3, init="chain",
-                      init_scale=7.0, seed=2)
+                      init_scale=7.0, seed=2, clip_mode=clip_mode)
     seen = []
     r = T.train(c, tmp_path / "run", OPTS, on_batch=lambda e, b, loss: seen.append((e, b))).result
     n_batches = 3  # 48 sequences in batches of 16
@@ -141,8 +142,12 @@ def test_overflowing_gradient_norm(tmp_path):
     assert seen == [(0, 0), (0, 1)]  # the third overflowing batch ends the run before its step
     ck = load_checkpoint(tmp_path / "run" / T.CHECKPOINT_FILE, kind="task")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
-    # the zeroed updates left the weights where the init put them
+    # the zeroed updates left the weights where the init put them, every tensor (the read-out's
+    # own gradient norms are finite: only the overflow verdict keeps them still)
     assert torch.equal(ck["model"]["rnn.weight_hh_l0"], I.chain_(torch.empty(100, 100), alpha=7.0))
+    initial = T.build_model(c).state_dict()
+    assert all(torch.equal(ck["model"][k], v) for k, v in initial.items())
+    assert ck["optimizer"]["state"] == {}  # the step was skipped: RMSprop never ran
 
 
 def test_addition_and_global_clip(tmp_path):
@@ -189,7 +194,7 @@ def test_psmnist_missing_data_is_a_clear_error(tmp_path):
 def test_config_defaults_and_errors():
     c = T.make_config(task="copy")
     assert (c.T, c.hidden, c.nonlinearity, c.copy_layout, c.perm_seed) == (500, 100, "elu", "paper", None)
-    assert (c.batch_size, c.n_train, c.n_val, c.epochs, c.clip, c.clip_mode) == (16, 60000, 10000, 100, 10.0, "tensor")
+    assert (c.batch_size, c.n_train, c.n_val, c.epochs, c.clip, c.clip_mode) == (16, 60000, 10000, 100, 10.0, "global")
     assert (c.rho, c.opt_eps, c.stop_loss) == (0.9, 1e-7, 0.0025)
     a = T.make_config(task="addition", perm_seed=5, copy_layout="arjovsky")
     assert (a.T, a.nonlinearity, a.perm_seed, a.copy_layout) == (750, "relu", None, None)

@@ -28,6 +28,7 @@ from .. import cli
 from ..init import INIT_PARAMS, add_init_arguments
 from ..runs import check_resume
 from . import data as D
+from . import rules
 from . import sweep as S
 from . import train as T
 
@@ -40,7 +41,7 @@ cli.register_data_error(D.IDXError)
 
 # TaskConfig fields set by the shared task options (argparse dest -> config field).
 _TASK_FIELDS = ("task", "T", "hidden", "nonlinearity", "n_train", "n_val", "epochs", "batch_size",
-                "clip", "clip_mode", "stop_loss", "copy_layout", "perm_seed", "mnist_val")
+                "clip", "clip_mode", "biases", "loss", "stop_loss", "copy_layout", "perm_seed", "mnist_val")
 
 
 def _add_task_options(p: argparse.ArgumentParser) -> None:
@@ -62,8 +63,16 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
     g.add_argument("--clip", type=float, help="gradient-norm clip (default 10)")
     g.add_argument("--clip-mode", choices=T.CLIP_MODES,
-                   help="'tensor': clip each gradient tensor (Keras clipnorm, default); 'global': "
-                   "the norm of all gradients together; 'none'")
+                   help="'global': scale every gradient by clip / max(norm, clip) with one norm "
+                   "over all of them (Keras 2.2 clipnorm, the paper's code; default); 'tensor': "
+                   "each tensor by its own norm (tf.keras); 'none'")
+    g.add_argument("--biases", type=int, choices=rules.BIASES,
+                   help="trainable biases of the RNN layer: 1 as Keras' SimpleRNN (b_hh frozen "
+                   "at 0; default) or 2 as PyTorch's layers (b_ih and b_hh)")
+    g.add_argument("--loss", choices=rules.LOSSES,
+                   help="copy and psMNIST: 'exact' cross-entropy (default) or 'keras' (Keras "
+                   "2.2's: softmax clipped to [1e-7, 1 - 1e-7] before the log, at most 16.1 nats "
+                   "a step, no gradient from a saturated step); training and validation alike")
     g.add_argument("--stop-loss", type=float, help="stop early below this validation loss "
                    "(default 0.0025; 0: never)")
     g.add_argument("--perm-seed", help="psMNIST pixel permutation: an integer seed of "
@@ -94,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one model (default)", description="Train one "
                         "model on one task. A run folder that holds the same config is finished "
                         "(nothing is redone) or continued from its checkpoint.")
-    add_init_arguments(tr, shown_default="chain", zero_bias_flag=False,
-                       gain_help="the initializer's gain: alpha of chain/fbchain, lambda of "
-                                 "identity/orthogonal")
+    add_init_arguments(tr, shown_default="chain", zero_bias_flag=False)
     tr.add_argument("--lr", type=float, help="RMSprop learning rate (default 1e-4)")
     tr.add_argument("--seed", type=int, help="run seed: weights, data and shuffling (default 1)")
     tr.add_argument("--out", help="run folder (default: runs/tasks/<task>-<init>-lr<lr>-seed<seed>-<hash>)")

@@ -22,15 +22,16 @@ from ..init import INIT_PARAMS, InitOptions, check_init
 from ..rnn import NONLINEARITIES
 from ..runs import RunExistsError
 from . import data as D
+from . import rules
 from .data import generator as _generator
 
 __all__ = [
     "TaskError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
-    "PsMnistTask", "TASKS", "get_task", "make_config", "config_from_dict", "CLIP_MODES",
+    "PsMnistTask", "TASKS", "get_task", "make_config", "config_from_dict", "upgrade_config_dict", "LEGACY_SETTINGS", "CLIP_MODES",
     "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT",
 ]
 
-CLIP_MODES = ("tensor", "global", "none")
+CLIP_MODES = rules.CLIP_MODES
 PERM_SEED_RUN = "run"
 MNIST_VALIDATION = ("test", "holdout")
 #: A run succeeds when its final validation loss is below this fraction of the random baseline.
@@ -69,7 +70,9 @@ class TaskConfig:
     rho: float = 0.9                       # RMSprop decay (torch's alpha); Keras default
     opt_eps: float = 1e-7                  # RMSprop epsilon; Keras default
     clip: float = 10.0
-    clip_mode: str = "tensor"              # Keras clipnorm clips each gradient tensor
+    clip_mode: str = "global"              # Keras 2.2 clipnorm: one norm over all gradients
+    biases: int = 1                        # trainable RNN biases: 1 (Keras SimpleRNN) or 2 (PyTorch)
+    loss: str = "exact"                    # exact cross-entropy, or "keras" (clipped softmax)
     stop_loss: float = 0.0025
     copy_layout: Optional[str] = None      # copy only: paper | arjovsky
     perm_seed: Optional[Union[int, str]] = None  # psMNIST only: an int, or "run" (= seed)
@@ -140,10 +143,11 @@ class Task:
         """Paper's criterion: final validation loss below 50 % of the random baseline."""
         return val_loss is not None and math.isfinite(val_loss) and val_loss < SUCCESS_FRACTION * baseline
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean loss of a batch: cross-entropy over every read-out step, or MSE."""
+    def loss(self, output: Tensor, target: Tensor, kind: str = "exact") -> Tensor:
+        """Mean loss of a batch: cross-entropy over every read-out step (``kind`` ``exact`` or
+        ``keras``, see :func:`.rules.classification_loss`), or MSE."""
         if self.classification:
-            return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+            return rules.classification_loss(output, target, kind).mean()
         return F.mse_loss(output.squeeze(-1), target)
 
     def datasets(self, config: TaskConfig, options: RunOptions) -> Tuple[Any, Any, Dict[str, Any]]:
@@ -340,17 +344,36 @@ def make_config(**kwargs: Any) -> TaskConfig:
     seed = c.get("seed", TaskConfig.seed)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TaskError(f"seed must be a non-negative integer, got {seed!r}")
-    if c.get("clip_mode", "tensor") not in CLIP_MODES:
+    if c.get("clip_mode", TaskConfig.clip_mode) not in CLIP_MODES:
         raise TaskError(f"unknown clip mode {c['clip_mode']!r}; valid: {', '.join(CLIP_MODES)}")
+    if c.get("biases", TaskConfig.biases) not in rules.BIASES:
+        raise TaskError(f"biases must be one of {', '.join(map(str, rules.BIASES))}, got {c['biases']!r}")
+    if c.get("loss", TaskConfig.loss) not in rules.LOSSES:
+        raise TaskError(f"unknown loss {c['loss']!r}; valid: {', '.join(rules.LOSSES)}")
+    if c.get("loss", TaskConfig.loss) != "exact" and not task.classification:
+        raise TaskError(f"--loss {c['loss']} applies to the classification tasks "
+                        f"({', '.join(n for n, t in TASKS.items() if t.classification)}); "
+                        f"{task.name} uses the mean squared error")
     config = TaskConfig(**c, init=init)
     check_init(config.init, "RNN")
     return config
 
 
+#: Settings that configs stored before they existed were run with (two trainable biases, the
+#: exact loss); such a config reads as if it named them.
+LEGACY_SETTINGS: Dict[str, Any] = {"biases": 2, "loss": "exact"}
+
+
+def upgrade_config_dict(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A stored config dict with the settings it predates filled in as it ran (:data:`LEGACY_SETTINGS`)."""
+    return {**LEGACY_SETTINGS, **d}
+
+
 def config_from_dict(d: Mapping[str, Any]) -> TaskConfig:
     """Rebuild a :class:`TaskConfig` from its stored dict (``config.json`` or a checkpoint),
-    including those written before the init options were nested (flat ``init_*`` keys)."""
+    including those written before the init options were nested (flat ``init_*`` keys) or before
+    the rule settings existed (:data:`LEGACY_SETTINGS`)."""
     names = {f.name for f in dataclasses.fields(TaskConfig)} | set(_INIT_KEYS)
-    c = {k: v for k, v in d.items() if k in names}
+    c = {k: v for k, v in upgrade_config_dict(d).items() if k in names}
     init = _init_options(c)
     return TaskConfig(**c, init=init)

@@ -33,6 +33,7 @@ from ..analysis import mean_sem
 from ..runs import json_clean
 from ..utils import parse_number
 from . import train as T
+from .config import upgrade_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +395,8 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
             old = json.loads(manifest.read_text()).get("settings")
         except ValueError:
             old = None
+        if old is not None:
+            old = upgrade_config_dict(old)  # a sweep from before the rule settings: as it ran
         if old is not None and old != settings:
             diff = "; ".join(f"{k}: {old.get(k)!r} vs {settings.get(k)!r}"
                              for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))

@@ -3,7 +3,9 @@
 The model is one vanilla :class:`~awd_nonnormal.rnn.RNN` layer and a linear read-out, initialised
 with :func:`~awd_nonnormal.init.apply_init` (zero biases) and trained with RMSprop (rho 0.9,
 eps 1e-7: the Keras defaults of the paper's code), gradient-norm clipping at 10, batch 16, up to
-100 epochs, stopping early once the validation loss falls below 0.0025. A run succeeds when its
+100 epochs, stopping early once the validation loss falls below 0.0025. The clipping, the number of
+trainable biases and the loss follow the paper's Keras 2.2 code by default (:mod:`.rules`).
+A run succeeds when its
 final validation loss is below half of the task's random baseline. What a run is (its config and
 the task registry) lives in :mod:`.config`.
 
@@ -52,6 +54,7 @@ from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTI
                      config_from_dict, get_task, make_config)
 from .data import derive_seed
 from .data import generator as _generator
+from . import rules
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +101,16 @@ def arch_of(config: TaskConfig) -> Dict[str, Any]:
 
 def build_model(config: TaskConfig) -> TaskModel:
     """The task model, initialised from the run seed: the init options (zero biases) for the
-    recurrent layer; the read-out as Keras' ``Dense`` (Glorot-uniform weights, zero bias)."""
+    recurrent layer, with one trainable bias (``b_hh`` frozen at 0, as Keras' ``SimpleRNN``) unless
+    ``config.biases`` is 2; the read-out as Keras' ``Dense`` (Glorot-uniform weights, zero bias)."""
     task = get_task(config.task)
     model = TaskModel(task.input_size, config.hidden, task.output_size, config.nonlinearity,
                       task.readout)
     gen = _generator(config.seed, "init")
     config.init.load_plugins()
     config.init.apply(model.rnn, generator=gen)
+    if config.biases == 1:
+        rules.single_bias_(model.rnn)
     with torch.no_grad():
         nn.init.xavier_uniform_(model.decoder.weight, generator=gen)
         model.decoder.bias.zero_()
@@ -219,26 +225,17 @@ class RunOutcome:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
 
 
-def _clip(params: List[Tensor], max_norm: float, mode: str) -> float:
-    """Clip the gradients; return the largest norm seen (of each tensor with ``tensor``, of all
-    together otherwise). An infinite norm means the gradient's squared norm overflowed float32
-    (the step is then skipped: :class:`~awd_nonnormal.runs.NonFiniteGuard`)."""
-    if mode == "tensor":  # Keras clipnorm: each gradient tensor on its own
-        norms = [torch.nn.utils.clip_grad_norm_([p], max_norm) for p in params if p.grad is not None]
-        return float(torch.stack(norms).max()) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if mode == "global" else math.inf))
-
-
 def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
-             batch_size: int = 500) -> Dict[str, float]:
-    """Mean loss over ``dataset`` (and accuracy for classification at the last step)."""
+             batch_size: int = 500, loss: str = "exact") -> Dict[str, float]:
+    """Mean loss (of kind ``loss``, as in training) over ``dataset``, and accuracy for
+    classification at the last step."""
     total, correct, n = 0.0, 0, len(dataset)
     with torch.no_grad():
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=device)
             x, y = dataset.batch(index, device)
             out = model(x)
-            total += task.loss(out, y).item() * len(index)
+            total += task.loss(out, y, loss).item() * len(index)
             if task.classification and task.readout == "last":
                 correct += int((out.argmax(-1) == y).sum())
     metrics = {"loss": total / n}
@@ -283,7 +280,7 @@ class Trainer:
         if "permutation" in facts:
             self.extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
         self.model = build_model(config).to(self.device)
-        self.params = list(self.model.parameters())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # a frozen b_hh is left out
         self.optimizer = torch.optim.RMSprop(self.params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
         self.arch = arch_of(config)
         self.ckpt_path = run_dir / CHECKPOINT_FILE
@@ -357,13 +354,17 @@ class Trainer:
                 index = order[self.position * config.batch_size:(self.position + 1) * config.batch_size]
                 x, y = self.train_set.batch(index, self.device)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = task.loss(self.model(x), y)
+                loss = task.loss(self.model(x), y, config.loss)
                 value = loss.item()
                 where = f"epoch {self.epoch + 1}, batch {self.position + 1}"
                 try:
                     self.guard.check_loss(value, "training loss", where)
                     loss.backward()
-                    if self.guard.allow_step(_clip(self.params, config.clip, config.clip_mode), where):
+                    # Keras' rule (.rules): an overflowing norm zeroes every gradient, and the
+                    # guard then skips the step, so no tensor and no optimizer state moves.
+                    clipped = rules.clip_gradients_([p.grad for p in self.params if p.grad is not None],
+                                                    config.clip, config.clip_mode)
+                    if self.guard.allow_step(float(clipped.norm), where):
                         self.optimizer.step()
                 except Diverged as exc:
                     self._diverge(f"{exc}; the run stopped")
@@ -385,7 +386,8 @@ class Trainer:
 
     def end_epoch(self, seconds: float) -> None:
         """Validate, record the epoch's metrics row, and decide whether the run goes on."""
-        val = evaluate(self.model, self.task, self.val_set, self.device, self.options.eval_batch_size)
+        val = evaluate(self.model, self.task, self.val_set, self.device, self.options.eval_batch_size,
+                       self.config.loss)
         self.epoch_time += seconds
         self.elapsed += seconds
         row = {"epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.loss_count, 1),
