@@ -44,16 +44,24 @@ Options:
                     wikitext-2-v1.zip wikitext-103-v1.zip ${MNIST_FILES[0]}
                     ${MNIST_FILES[1]} ${MNIST_FILES[2]} ${MNIST_FILES[3]}
                     (an archive already in DEST/.downloads/ is used first)
-  --force           prepare again even when a dataset is marked complete (archives already
-                    in the cache are not downloaded again)
+  --force           prepare again even when a dataset is marked complete, also one prepared
+                    with other settings (archives already in the cache are not downloaded
+                    again); without it such a dataset is left alone and the run refused
+  --sums FILE       check the archives against the SHA-256 sums in FILE, a JSON object
+                    {"file name": "sha256", ...}, instead of the published sums built into
+                    awd_nonnormal/prepare.py (for a mirror of re-packed archives; a file it
+                    does not name is only checked for integrity); default: \$AWD_DATA_SUMS
   --enwik8-test-bytes N
                     bytes in each of enwik8's valid and test splits (default 5000000)
   --mnist-items TRAIN,TEST
                     expected MNIST item counts, or 'any' (default 60000,10000)
   -h, --help        show this help
 
-Environment: AWD_DATA_DIR, AWD_DATA_MIRROR (as above), PYTHON (interpreter for
-awd_nonnormal/prepare.py; default python3).
+Environment: AWD_DATA_DIR, AWD_DATA_MIRROR, AWD_DATA_SUMS (as above), PYTHON (interpreter
+for awd_nonnormal/prepare.py; default python3).
+Every archive is read completely (zip CRCs, the whole gzip stream) and checked against its
+published SHA-256 (enwik8, WikiText, MNIST; PTB has none) before anything is extracted: a
+corrupt one is refused with one line naming it and leaves DEST/<dataset> as it was.
 A dataset is complete when DEST/<dataset>/.complete exists and matches its files; complete
 datasets are skipped, anything else is prepared again from the cached or mirrored archive.
 EOF
@@ -72,6 +80,7 @@ usage_error() {
 
 DEST="${AWD_DATA_DIR:-$SCRIPT_DIR/data}"
 MIRROR="${AWD_DATA_MIRROR:-}"
+SUMS="${AWD_DATA_SUMS:-}"
 FORCE=0
 ENWIK8_TEST_BYTES=5000000
 MNIST_ITEMS="60000,10000"
@@ -87,6 +96,8 @@ while [[ $# -gt 0 ]]; do
         --mirror) need_value "$@"; MIRROR="$2"; shift 2 ;;
         --mirror=*) MIRROR="${1#*=}"; shift ;;
         --force) FORCE=1; shift ;;
+        --sums) need_value "$@"; SUMS="$2"; shift 2 ;;
+        --sums=*) SUMS="${1#*=}"; shift ;;
         --enwik8-test-bytes) need_value "$@"; ENWIK8_TEST_BYTES="$2"; shift 2 ;;
         --enwik8-test-bytes=*) ENWIK8_TEST_BYTES="${1#*=}"; shift ;;
         --mnist-items) need_value "$@"; MNIST_ITEMS="$2"; shift 2 ;;
@@ -135,7 +146,12 @@ if [[ -z "$PYTHON" ]]; then
     fi
 fi
 [[ -f "$PREPARE" ]] || die "$PREPARE is missing (run getdata.sh from a full checkout)"
-prepare() { "$PYTHON" "$PREPARE" "$@"; }
+SUMS_ARGS=()
+if [[ -n "$SUMS" ]]; then
+    [[ -f "$SUMS" ]] || die "checksum file '$SUMS' does not exist"
+    SUMS_ARGS=(--sums "$(cd "$(dirname "$SUMS")" && pwd)/$(basename "$SUMS")")
+fi
+prepare() { "$PYTHON" "$PREPARE" "${SUMS_ARGS[@]+"${SUMS_ARGS[@]}"}" "$@"; }
 
 mkdir -p "$DEST"
 DEST="$(cd "$DEST" && pwd)"
@@ -219,13 +235,16 @@ fetch() {
 # ---------------------------------------------------------------------------------------------
 # Datasets
 
-# done_already NAME PARAMS_JSON: true (and says so) when DEST/NAME is complete and not --force.
+# done_already NAME PARAMS_JSON: true (and says so) when DEST/NAME is complete and not --force;
+# a folder complete with other parameters ends the run, untouched, unless --force.
 done_already() {
-    local name="$1" params="$2"
-    if [[ $FORCE == 0 ]] && prepare check "$DEST/$name" --params "$params"; then
-        say "$name: already prepared in $DEST/$name, skipping (use --force to redo)"
-        return 0
-    fi
+    local name="$1" params="$2" rc=0
+    [[ $FORCE == 0 ]] || return 1
+    prepare check "$DEST/$name" --params "$params" || rc=$?
+    case $rc in
+        0) say "$name: already prepared in $DEST/$name, skipping (use --force to redo)"; return 0 ;;
+        3) exit 1 ;;  # prepare check said why
+    esac
     return 1
 }
 

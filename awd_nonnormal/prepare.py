@@ -16,10 +16,13 @@ exists, names the same parameters, and every file it lists has the recorded size
 from __future__ import annotations
 
 import argparse
+import bz2
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
+import lzma
 import os
 import random
 import shutil
@@ -27,6 +30,7 @@ import struct
 import sys
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -101,52 +105,187 @@ def clear_stamp(folder: Path) -> None:
     (Path(folder) / STAMP).unlink(missing_ok=True)
 
 
-def is_complete(folder: Path, params: Optional[Mapping] = None) -> bool:
-    """True when ``folder`` has a readable stamp with the same ``params`` and intact files."""
+def complete_params(folder: Path) -> Optional[Dict]:
+    """The parameters ``folder`` was prepared with, when its stamp is readable and every file it
+    lists is intact; None otherwise."""
     folder = Path(folder)
     try:
         record = json.loads((folder / STAMP).read_text(encoding="ascii"))
         files = record["files"]
-        if record.get("params", {}) != dict(params or {}) or not files:
-            return False
-        return all((folder / name).is_file() and (folder / name).stat().st_size == size
-                   for name, size in files.items())
+        if not files or not all((folder / name).is_file() and
+                                (folder / name).stat().st_size == size
+                                for name, size in files.items()):
+            return None
+        return dict(record.get("params", {}))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return None
+
+
+def is_complete(folder: Path, params: Optional[Mapping] = None) -> bool:
+    """True when ``folder`` has a readable stamp with the same ``params`` and intact files."""
+    return complete_params(folder) == dict(params or {})
+
+
+#: The getdata.sh options behind the stamp parameters (for messages).
+PARAM_OPTIONS = {"test_bytes": "--enwik8-test-bytes", "items": "--mnist-items"}
+
+# `prepare check` exit codes
+CHECK_COMPLETE, CHECK_TODO, CHECK_CONFLICT = 0, 1, 3
+
+
+def check_folder(folder: Path, params: Optional[Mapping] = None) -> int:
+    """:data:`CHECK_COMPLETE` when ``folder`` is complete with ``params``; :data:`CHECK_CONFLICT`
+    (and an error logged) when it is complete with other parameters, which a rerun must not
+    destroy unasked; :data:`CHECK_TODO` otherwise."""
+    found = complete_params(folder)
+    params = dict(params or {})
+    if found is None:
+        return CHECK_TODO
+    if found == params:
+        return CHECK_COMPLETE
+    diff = ", ".join(f"{PARAM_OPTIONS.get(k, k)} {_show(found.get(k))} there, {_show(params.get(k))} "
+                     f"now" for k in sorted(set(found) | set(params)) if found.get(k) != params.get(k))
+    log.error("error: %s is already prepared with other settings (%s); rerun with the same "
+              "settings to keep it, or add --force to prepare it again", folder, diff)
+    return CHECK_CONFLICT
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):  # MNIST item counts
+        return ",".join(str(value[k]) for k in ("train", "t10k") if k in value) or "any"
+    return "(none)" if value is None else str(value)
 
 
 # --------------------------------------------------------------------------------------------
-# Archive integrity (run on a finished download before it is moved into the cache)
+# Archive integrity: every archive is read completely, and checked against its published SHA-256
+# where one is known, before anything is extracted from it
 
 
-def verify_archive(path: Path, name: Optional[str] = None) -> None:
-    """Read the whole archive and check its CRCs; ``name`` (default: the file name) picks the kind.
+#: SHA-256 of the original archives, as published by others who downloaded them from the original
+#: sites: enwik8.zip by Hugging Face datasets (``enwik8/dataset_infos.json``, 36,445,475 bytes),
+#: the WikiText zips by the Julia package CorpusLoaders.jl (its DataDeps registrations), the four
+#: MNIST files by TensorFlow Datasets (``url_checksums/mnist.txt``). PTB's simple-examples.tgz
+#: has no published SHA-256 that we could find: it is checked for integrity only.
+PUBLISHED_SHA256 = {
+    "enwik8.zip": "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+    "wikitext-2-v1.zip": "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
+    "wikitext-103-v1.zip": "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
 
-    zip: every member's CRC; .tgz / .tar.gz: the gzip CRC and the tar structure; .gz: the gzip
-    CRC. Raises :class:`PrepareError` on a damaged or truncated file.
+# file name ending -> (archive kind, stream module); the longest matching ending wins
+_KINDS = {".zip": ("zip", None), ".tgz": ("tar", gzip), ".tar.gz": ("tar", gzip),
+          ".tbz2": ("tar", bz2), ".tar.bz2": ("tar", bz2), ".txz": ("tar", lzma),
+          ".tar.xz": ("tar", lzma), ".gz": ("stream", gzip), ".bz2": ("stream", bz2),
+          ".xz": ("stream", lzma)}
+# what a damaged file raises while it is read (zlib.error: a bad deflate stream inside a zip;
+# RuntimeError: a flipped zip flag bit that marks a member encrypted or of an unknown method)
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, struct.error, zipfile.BadZipFile,
+                zlib.error, tarfile.TarError, lzma.LZMAError)
+
+
+def archive_kind(name: str):
+    """``(kind, stream module)`` of an archive named ``name``: kind ``zip``, ``tar`` (compressed
+    with the module's format) or ``stream`` (one compressed file)."""
+    for ending in sorted(_KINDS, key=len, reverse=True):
+        if name.endswith(ending):
+            return _KINDS[ending]
+    raise PrepareError(f"{name}: unknown archive kind (expected one of {', '.join(_KINDS)})")
+
+
+def load_sums(path: Optional[Path]) -> Mapping[str, str]:
+    """The SHA-256 table to check archives against: :data:`PUBLISHED_SHA256`, or the JSON object
+    ``{file name: sha256}`` in ``path`` instead (archives it does not name are not sum-checked)."""
+    if path is None:
+        return PUBLISHED_SHA256
+    try:
+        sums = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"{path}: cannot read the checksum file ({e})") from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise PrepareError(f"{path}: expected a JSON object of file name -> SHA-256 hex digest")
+    return {k: v.lower() for k, v in sums.items()}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_archive(path: Path, name: Optional[str] = None,
+                   sums: Optional[Mapping[str, str]] = None) -> None:
+    """Check an archive completely before anything is taken from it; ``name`` (default: the file
+    name) decides the kind and the published sum (``sums``, default :data:`PUBLISHED_SHA256`).
+
+    A file with a published SHA-256 must match it. Then the whole archive is read: zip: every
+    member's CRC-32; tar.gz / tar.bz2 / tar.xz: the compressed stream to its end (its CRC and
+    length), then the tar structure; .gz / .bz2 / .xz: the stream to its end. Raises
+    :class:`PrepareError` naming the file as corrupt.
     """
     path = Path(path)
     name = name or path.name
+    sums = PUBLISHED_SHA256 if sums is None else sums
+    kind, stream = archive_kind(name)
+    if not path.is_file():
+        raise PrepareError(f"{path}: no such file")
+    want = sums.get(name)
+    if want is not None:
+        log.info("checking %s against its published SHA-256", name)
+        got = sha256_of(path)
+        if got != want:
+            source = "published" if sums is PUBLISHED_SHA256 else "listed"
+            raise PrepareError(f"{path}: corrupt or not the original {name}: its SHA-256 is "
+                               f"{got}, the {source} one {want}; delete it and fetch it again")
     log.info("checking %s", name)
     try:
-        if name.endswith(".zip"):
+        if kind == "zip":
             with zipfile.ZipFile(path) as zf:
                 bad = zf.testzip()
+                listed = len(zf.infolist())
             if bad is not None:
-                raise PrepareError(f"{path}: member {bad!r} fails its CRC check")
-        elif name.endswith((".tgz", ".tar.gz")):
-            with tarfile.open(path, "r:gz") as tf:
-                for member in tf:
-                    if member.isfile():
-                        with tf.extractfile(member) as f:
-                            _drain(f)
-        elif name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                _drain(f)
+                raise PrepareError(f"{path}: corrupt {name} (member {bad!r} fails its CRC check)")
+            entries = _zip_entries(path)
+            if entries is not None and entries != listed:
+                raise PrepareError(f"{path}: corrupt {name} (its directory lists {listed} "
+                                   f"members, its end record {entries})")
         else:
-            raise PrepareError(f"{path}: cannot verify {name!r} (not .zip, .tgz or .gz)")
-    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise PrepareError(f"{path}: damaged or incomplete {name} ({e})") from e
+            with stream.open(path, "rb") as f:
+                _drain(f)
+            if kind == "tar":
+                with tarfile.open(path, f"r:{_TAR_MODES[stream]}") as tf:
+                    for member in tf:
+                        if member.isfile():
+                            with tf.extractfile(member) as f:
+                                _drain(f)
+    except _READ_ERRORS as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrepareError(f"{path}: corrupt {name} ({detail}); if it is a cached download, "
+                           f"delete it and run again") from None
+
+
+_TAR_MODES = {gzip: "gz", bz2: "bz2", lzma: "xz"}
+
+
+def _zip_entries(path: Path) -> Optional[int]:
+    """The member count in a zip's end-of-central-directory record (PKWARE APPNOTE 4.3.16), or
+    None for a zip64 archive. A damaged directory entry can hide the members after it from
+    ``zipfile``; the count in the end record does not change with it."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - (22 + 0xFFFF)))  # the record (22 bytes) and a comment of <= 64 KiB
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise PrepareError(f"{path}: corrupt zip archive (no end-of-directory record)")
+    total = struct.unpack("<H", tail[at + 10:at + 12])[0]
+    return None if total == 0xFFFF else total
 
 
 def _drain(f: BinaryIO) -> int:
@@ -168,45 +307,63 @@ def _norm(member: str) -> str:
     return member
 
 
-def extract_members(archive: Path, dest: Path, mapping: Sequence[Tuple[str, str]]) -> List[str]:
+def extract_members(archive: Path, dest: Path, mapping: Sequence[Tuple[str, str]],
+                    sums: Optional[Mapping[str, str]] = None) -> List[str]:
     """Copy archive members to files in ``dest``: ``mapping`` is ``[(member, out_name), ...]``.
 
-    Works on zip and (gzipped) tar archives, matches member names with or without a leading
-    ``./``, writes each output atomically, and then writes the stamp. Returns the output names.
+    The archive is verified completely first (:func:`verify_archive`, with ``sums``), so a
+    corrupt one leaves ``dest`` untouched. Works on zip and compressed tar archives (the file name
+    decides which), matches member names with or without a leading ``./``, writes each output
+    atomically, and then writes the stamp. Returns the output names.
     """
     archive, dest = Path(archive), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    clear_stamp(dest)
+    verify_archive(archive, sums=sums)
+    kind, stream = archive_kind(archive.name)
     wanted = {_norm(m): out for m, out in mapping}
     found = set()
+
+    def copy(member_name: str, src: BinaryIO) -> None:
+        out = wanted[_norm(member_name)]
+        log.info("%s: %s -> %s", archive.name, member_name, dest / out)
+        with atomic_write(dest / out) as dst:
+            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+        found.add(_norm(member_name))
+
     try:
-        if zipfile.is_zipfile(archive):
+        if kind == "zip":
             with zipfile.ZipFile(archive) as zf:
+                names = {_norm(i.filename) for i in zf.infolist() if not i.is_dir()}
+                _require(archive, wanted, names)
+                dest.mkdir(parents=True, exist_ok=True)
+                clear_stamp(dest)
                 for info in zf.infolist():
-                    out = wanted.get(_norm(info.filename))
-                    if out is not None and not info.is_dir():
-                        log.info("%s: %s -> %s", archive.name, info.filename, dest / out)
-                        with zf.open(info) as src, atomic_write(dest / out) as dst:
-                            shutil.copyfileobj(src, dst, CHUNK_BYTES)
-                        found.add(_norm(info.filename))
+                    if _norm(info.filename) in wanted and not info.is_dir():
+                        with zf.open(info) as src:
+                            copy(info.filename, src)
+        elif kind == "tar":
+            with tarfile.open(archive, f"r:{_TAR_MODES[stream]}") as tf:
+                members = [m for m in tf.getmembers() if m.isfile()]
+                _require(archive, wanted, {_norm(m.name) for m in members})
+                dest.mkdir(parents=True, exist_ok=True)
+                clear_stamp(dest)
+                for member in members:
+                    if _norm(member.name) in wanted:
+                        with tf.extractfile(member) as src:
+                            copy(member.name, src)
         else:
-            with tarfile.open(archive, "r:*") as tf:
-                for member in tf:
-                    out = wanted.get(_norm(member.name))
-                    if out is not None and member.isfile():
-                        log.info("%s: %s -> %s", archive.name, member.name, dest / out)
-                        with tf.extractfile(member) as src, atomic_write(dest / out) as dst:
-                            shutil.copyfileobj(src, dst, CHUNK_BYTES)
-                        found.add(_norm(member.name))
-    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise PrepareError(f"{archive}: cannot read archive ({e}); if it is a cached download, "
+            raise PrepareError(f"{archive}: not a zip or tar archive")
+    except _READ_ERRORS as e:
+        raise PrepareError(f"{archive}: corrupt archive ({e}); if it is a cached download, "
                            f"delete it and run again") from e
-    missing = sorted(set(wanted) - found)
-    if missing:
-        raise PrepareError(f"{archive}: missing member(s) {', '.join(missing)}")
     outs = [out for _, out in mapping]
     write_stamp(dest, outs, source=[archive.name])
     return outs
+
+
+def _require(archive: Path, wanted: Mapping[str, str], names: Iterable[str]) -> None:
+    missing = sorted(set(wanted) - set(names))
+    if missing:
+        raise PrepareError(f"{archive}: not the expected archive: it has no {', '.join(missing)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,27 +430,31 @@ def _open_enwik8(src: Path) -> Iterator[Tuple[BinaryIO, int]]:
 
 
 def prepare_enwik8(src: Path, dest: Path, test_bytes: int = ENWIK8_TEST_BYTES,
-                   chunk_bytes: int = CHUNK_BYTES) -> List[str]:
+                   chunk_bytes: int = CHUNK_BYTES,
+                   sums: Optional[Mapping[str, str]] = None) -> List[str]:
     """Split enwik8 (``src``: ``enwik8.zip`` or the raw file) into ``dest/{train,valid,test}.txt``.
 
     Format of awd-lstm-lm's ``prep_enwik8.py``: each byte as its decimal value, separated by
     spaces, with newline bytes kept as line breaks, so a whitespace tokenizer sees byte values.
-    Streams in ``chunk_bytes`` blocks.
+    Streams in ``chunk_bytes`` blocks. A zip is verified first (:func:`verify_archive`).
     """
     src, dest = Path(src), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    clear_stamp(dest)
+    if src.name.endswith(".zip"):
+        verify_archive(src, sums=sums)
     outs = []
     try:
         with _open_enwik8(src) as (stream, total):
-            for split, (start, end) in enwik8_splits(total, test_bytes).items():
+            splits = enwik8_splits(total, test_bytes)  # a bad size is refused before dest is touched
+            dest.mkdir(parents=True, exist_ok=True)
+            clear_stamp(dest)
+            for split, (start, end) in splits.items():
                 out = f"{split}.txt"
                 log.info("enwik8: bytes [%d, %d) -> %s", start, end, dest / out)
                 with atomic_write(dest / out, "w") as f:
                     encode_bytes(_read_exact(stream, end - start, chunk_bytes, src), f)
                 outs.append(out)
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise PrepareError(f"{src}: cannot read ({e}); if it is a cached download, delete it "
+    except _READ_ERRORS as e:
+        raise PrepareError(f"{src}: corrupt ({e}); if it is a cached download, delete it "
                            f"and run again") from e
     write_stamp(dest, outs, params={"test_bytes": test_bytes}, source=[src.name])
     return outs
@@ -362,8 +523,8 @@ def read_idx_gz(path: Path) -> Tuple[int, Tuple[int, ...], int]:
                     break
                 size += len(block)
                 top = max(top, max(block))
-    except (OSError, EOFError) as e:
-        raise PrepareError(f"{path}: not a valid gzip file ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise PrepareError(f"{path}: corrupt gzip file ({e})") from e
     if size != expected:
         raise PrepareError(f"{path}: header says {dims} = {expected} bytes of data, "
                            f"found {size}")
@@ -406,9 +567,11 @@ def check_mnist(files: Mapping[str, Path], items: Optional[Mapping[str, int]] = 
 
 
 def prepare_mnist(sources: Sequence[Path], dest: Path,
-                  items: Optional[Mapping[str, int]] = None) -> List[str]:
-    """Check the four ``.gz`` IDX files (``sources``, by their standard names) and copy them,
-    still gzipped, into ``dest``; see :func:`check_mnist` for ``items``."""
+                  items: Optional[Mapping[str, int]] = None,
+                  sums: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Check the four ``.gz`` IDX files (``sources``, by their standard names: their gzip streams
+    and published sums, see :func:`verify_archive`, then :func:`check_mnist` with ``items``) and
+    copy them, still gzipped, into ``dest``. Nothing in ``dest`` is touched before the checks."""
     dest = Path(dest)
     by_name = {Path(p).name: Path(p) for p in sources}
     missing = sorted(set(MNIST_FILES) - set(by_name))
@@ -416,10 +579,12 @@ def prepare_mnist(sources: Sequence[Path], dest: Path,
     if missing or unknown:
         raise PrepareError(f"mnist: need exactly {', '.join(MNIST_FILES)}; "
                            f"missing {missing}, unexpected {unknown}")
-    dest.mkdir(parents=True, exist_ok=True)
-    clear_stamp(dest)
+    for name in MNIST_FILES:
+        verify_archive(by_name[name], sums=sums)
     log.info("mnist: checking IDX headers and sizes")
     check_mnist(by_name, items)
+    dest.mkdir(parents=True, exist_ok=True)
+    clear_stamp(dest)
     for name in MNIST_FILES:
         src = by_name[name]
         if src.resolve() != (dest / name).resolve():
@@ -507,9 +672,12 @@ def _member_arg(text: str) -> Tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sums", type=Path, default=None,
+                   help="JSON object {file name: SHA-256} checked instead of the published sums")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("check", help="exit 0 if FOLDER is completely prepared, 1 if not")
+    c = sub.add_parser("check", help="exit 0 if FOLDER is completely prepared, 1 if not, 3 if "
+                                     "it is prepared with other parameters")
     c.add_argument("folder", type=Path)
     c.add_argument("--params", type=_params_arg, default={},
                    help="JSON object the stamp's parameters must equal")
@@ -548,15 +716,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "check":
-            return 0 if is_complete(args.folder, args.params) else 1
+            return check_folder(args.folder, args.params)
+        sums = load_sums(args.sums)
         if args.cmd == "verify":
-            verify_archive(args.archive, args.name)
+            verify_archive(args.archive, args.name, sums)
         elif args.cmd == "extract":
-            extract_members(args.archive, args.dest, args.members)
+            extract_members(args.archive, args.dest, args.members, sums)
         elif args.cmd == "enwik8":
-            prepare_enwik8(args.src, args.dest, args.test_bytes)
+            prepare_enwik8(args.src, args.dest, args.test_bytes, sums=sums)
         elif args.cmd == "mnist":
-            prepare_mnist(args.files, args.dest, args.items)
+            prepare_mnist(args.files, args.dest, args.items, sums)
         elif args.cmd == "toy":
             prepare_toy(args.dest, args.lines, args.seed)
     except PrepareError as e:

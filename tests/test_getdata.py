@@ -3,11 +3,15 @@ in a temporary folder and served as a mirror: a folder, or a localhost HTTP serv
 download path (with curl and with wget).
 """
 
+import bz2
 import contextlib
 import functools
 import gzip
+import hashlib
 import http.server
 import io
+import json
+import lzma
 import os
 import random
 import shutil
@@ -83,7 +87,18 @@ def build_mirror(folder: Path) -> Path:
             zf.writestr(f"wikitext-2/wiki.{split}.tokens", text)
     for name, payload in mnist_payloads().items():
         (folder / name).write_bytes(gzip.compress(payload))
+    write_sums(folder)
     return folder
+
+
+SUMS = "SHA256SUMS.json"  # the test mirror's own sums (its archives are not the published ones)
+
+
+def write_sums(folder: Path, skip=()) -> Path:
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.name != SUMS and p.name not in skip}
+    (folder / SUMS).write_text(json.dumps(sums))
+    return folder / SUMS
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +106,16 @@ def mirror(tmp_path_factory) -> Path:
     return build_mirror(tmp_path_factory.mktemp("mirror"))
 
 
-def getdata(*args, path=None):
+def getdata(*args, path=None, sums=None):
+    """Run getdata.sh; a --mirror folder's own SHA256SUMS.json replaces the published sums
+    (``sums`` names another file; ``sums=False``: the published sums)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWD_")}
+    args = [str(a) for a in args]
+    if sums is None and "--mirror" in args:
+        own = Path(args[args.index("--mirror") + 1]) / SUMS
+        sums = own if own.is_file() else None
+    if sums:
+        env["AWD_DATA_SUMS"] = str(sums)
     env["PYTHON"] = sys.executable
     env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"  # the test server is local
     if path is not None:
@@ -156,13 +179,24 @@ def test_second_run_skips_and_leaves_files_alone(mirror, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("skipping") == len(ALL)
     assert snapshot(dest) == before
-    # Different parameters are a different preparation: enwik8 is redone, the rest skipped.
+    # Other parameters than the complete folder's: refused before anything is touched (here the
+    # default 5,000,000 test bytes, which the tiny file could not even hold), unless --force.
+    for opts in (["--enwik8-test-bytes", 50], []):
+        r = getdata("--mirror", mirror, "--dest", dest, *MNIST_OPTS[:2], *opts, "enwik8")
+        assert r.returncode == 1
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "--enwik8-test-bytes 60 there" in errors[0], r.stderr
+        assert "--force" in errors[0] and "Traceback" not in r.stderr
+        assert snapshot(dest) == before
+    r = getdata("--mirror", mirror, "--dest", dest, "--mnist-items", "any", "mnist")
+    assert r.returncode == 1 and "--mnist-items 5,3 there, any now" in r.stderr
+    assert snapshot(dest) == before
     r = getdata("--mirror", mirror, "--dest", dest, *MNIST_OPTS[:2], "--enwik8-test-bytes", 50,
-                "enwik8", "mnist")
+                "--force", "enwik8", "mnist")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("skipping") == 1
     text = (dest / "enwik8" / "test.txt").read_text()
     assert prepare.decode_text(text) == enwik8_bytes()[-50:]
+    assert prepare.is_complete(dest / "enwik8", {"test_bytes": 50})
 
 
 def test_incomplete_folders_are_redone(mirror, tmp_path):
@@ -204,6 +238,7 @@ def test_corrupt_idx_magic(mirror, tmp_path):
     payload = bytearray(mnist_payloads()["train-labels-idx1-ubyte.gz"])
     payload[:4] = struct.pack(">i", 2052)
     (bad / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(payload)))
+    write_sums(bad)
     r = getdata("--mirror", bad, "--dest", tmp_path / "data", *MNIST_OPTS, "mnist")
     assert r.returncode == 1
     assert "magic" in r.stderr and "2052" in r.stderr and "train-labels" in r.stderr
@@ -346,3 +381,137 @@ def test_toy_corpus_is_local_deterministic_and_has_its_long_range_dependency(tmp
     again = subprocess.run(["bash", str(GETDATA), "--dest", str(tmp_path / "a"), "toy"],
                            capture_output=True, text=True)
     assert again.returncode == 0 and "skipping" in again.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt archives: refused before anything is extracted
+
+
+def flip_in_data(name: str, raw: bytes) -> bytes:
+    """``raw`` with one byte of its compressed payload flipped (not a header or directory)."""
+    if name.endswith(".zip"):
+        info = zipfile.ZipFile(io.BytesIO(raw)).infolist()[0]
+        local = raw[info.header_offset:]
+        start = info.header_offset + 30 + struct.unpack("<HH", local[26:30])[0] \
+            + struct.unpack("<HH", local[26:30])[1]
+        at = start + info.compress_size // 2
+    else:  # gzip: a 10-byte header, an 8-byte trailer
+        at = 10 + (len(raw) - 18) // 2
+    out = bytearray(raw)
+    out[at] ^= 0x20
+    return bytes(out)
+
+
+CORRUPTIBLE = [("penn", "simple-examples.tgz"), ("wikitext-2", "wikitext-2-v1.zip"),
+               ("enwik8", "enwik8.zip"), ("mnist", "train-images-idx3-ubyte.gz")]
+
+
+@pytest.mark.parametrize("dataset,archive", CORRUPTIBLE)
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_corrupt_archive_never_becomes_a_corpus(mirror, tmp_path, dataset, archive, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(mirror, bad)
+    raw = (mirror / archive).read_bytes()
+    (bad / archive).write_bytes(flip_in_data(archive, raw) if damage == "flipped"
+                                else raw[:len(raw) * 2 // 3])
+    no_sums = tmp_path / "none.json"
+    no_sums.write_text("{}")  # integrity alone (the sum check has its own test)
+    dest = tmp_path / "data"
+    r = getdata("--mirror", bad, "--dest", dest, *MNIST_OPTS, dataset, sums=no_sums)
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, r.stderr
+    assert str(bad / archive) in errors[0] and "corrupt" in errors[0]
+    assert "Traceback" not in r.stderr and "method gz" not in r.stderr
+    folder = dest / dataset
+    assert not folder.exists() or not any(folder.iterdir())  # nothing extracted, no stamp
+
+
+def test_published_and_listed_sums(mirror, tmp_path):
+    dest = tmp_path / "data"
+    # The built-in published sums: the tiny WikiText zip is not the original one; PTB has none.
+    r = getdata("--mirror", mirror, "--dest", dest, "wikitext-2", sums=False)
+    assert r.returncode == 1
+    assert "corrupt or not the original wikitext-2-v1.zip" in r.stderr and "published" in r.stderr
+    assert prepare.PUBLISHED_SHA256["wikitext-2-v1.zip"] in r.stderr
+    assert not (dest / "wikitext-2").exists()
+    assert getdata("--mirror", mirror, "--dest", dest, "penn", sums=False).returncode == 0
+    # A table naming another sum refuses an intact archive; one naming its sum accepts it.
+    fake = tmp_path / "fake.json"
+    fake.write_text(json.dumps({"simple-examples.tgz": "0" * 64}))
+    r = getdata("--mirror", mirror, "--dest", dest, "--force", "--sums", fake, "pennchar")
+    assert r.returncode == 1 and "its SHA-256 is" in r.stderr and "0" * 64 in r.stderr
+    assert not (dest / "pennchar").exists()
+    r = getdata("--mirror", mirror, "--dest", dest, "--sums", mirror / SUMS, "pennchar")
+    assert r.returncode == 0, r.stderr
+
+
+def _tar(mode: str, members: dict) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+MEMBERS = {"d/a.txt": b"the cat sat on the mat\n" * 5, "d/b.txt": bytes(range(256))}
+ARCHIVES = {
+    "x.zip": lambda: _zip(MEMBERS),
+    "x.tgz": lambda: _tar("w:gz", MEMBERS),
+    "x.tar.bz2": lambda: _tar("w:bz2", MEMBERS),
+    "x.tar.xz": lambda: _tar("w:xz", MEMBERS),
+    "x.gz": lambda: gzip.compress(MEMBERS["d/a.txt"]),
+    "x.bz2": lambda: bz2.compress(MEMBERS["d/a.txt"]),
+    "x.xz": lambda: lzma.compress(MEMBERS["d/a.txt"]),
+}
+
+
+def _contents(path: Path):
+    """What a trusting reader would take from the archive."""
+    kind, stream = prepare.archive_kind(path.name)
+    if kind == "zip":
+        with zipfile.ZipFile(path) as zf:
+            return {i.filename: zf.read(i) for i in zf.infolist()}
+    if kind == "tar":
+        with tarfile.open(path, "r:*") as tf:
+            return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    with stream.open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHIVES))
+def test_every_single_byte_flip_is_caught_or_harmless(tmp_path, name):
+    """Flip each byte of a small archive in turn: verify_archive refuses it, or what it holds is
+    exactly the original (a flip in a zip's timestamps, say, changes nothing that is read)."""
+    raw = ARCHIVES[name]()
+    path = tmp_path / name
+    path.write_bytes(raw)
+    prepare.verify_archive(path, sums={})
+    original = _contents(path)
+    caught = 0
+    for i in range(len(raw)):
+        flipped = bytearray(raw)
+        flipped[i] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        try:
+            prepare.verify_archive(path, sums={})
+        except prepare.PrepareError as e:
+            assert "corrupt" in str(e) and "\n" not in str(e)
+            caught += 1
+            continue
+        assert _contents(path) == original, f"byte {i} flipped, not caught, contents differ"
+    for cut in (1, len(raw) // 2, len(raw) - 1):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(prepare.PrepareError, match="corrupt"):
+            prepare.verify_archive(path, sums={})
+    assert caught > len(raw) // 2
