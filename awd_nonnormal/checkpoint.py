@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import re
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -56,13 +57,25 @@ class CheckpointError(RuntimeError):
     """A file that is not a readable awd-nonnormal checkpoint."""
 
 
+def _create_temp(folder: Path, name: str) -> str:
+    """Create a new empty ``.NAME.<random>.tmp`` in ``folder`` with the mode an ordinary file
+    gets (0666 less the umask; ``tempfile.mkstemp`` would make it 0600)."""
+    while True:
+        tmp = str(folder / f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never half of one."""
+    ``path``: readers see the old file or the new one, never half of one. The file gets the mode
+    of an ordinary new file (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -115,17 +128,22 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol is reported below instead
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint: it holds objects that a safe "
-                              f"load refuses (a pickled model from other code?): {exc}".splitlines()[0]) from None
+        # torch's message advises weights_only=False, which would run the file's code: not quoted
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint: it holds objects{what} that "
+                              f"a safe load refuses (a pickled model from other code?)") from None
     except Exception as exc:  # the safe unpickler raises many kinds on junk bytes (KeyError too)
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted, or not a "
-                              f"checkpoint at all): {detail}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted): "
+                              f"{detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint (no '{FORMAT}' format marker)")
     missing = [k for k in _REQUIRED if k not in ckpt]
@@ -140,6 +158,17 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
     if kind is not None and ckpt["kind"] != kind:
         raise CheckpointError(f"{path}: a {ckpt['kind']!r} checkpoint, expected {kind!r}")
     return ckpt
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip file (``PK\\x03\\x04``); its legacy format and plain pickles start
+    with the pickle PROTO opcode (``\\x80``). Text, JSON and other files do neither."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def rng_state() -> Dict[str, Any]:

@@ -58,7 +58,7 @@ from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
                    RunExistsError, check_resume)
-from .utils import resolve_device, seed_everything
+from .utils import check_seed, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        check_seed(self.seed, "--seed")
         if self.nonmono < 0:
             raise ValueError(f"nonmono must be >= 0, got {self.nonmono}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -11,7 +11,7 @@ from typing import Any, Type
 import numpy as np
 import torch
 
-__all__ = ["DEVICES", "resolve_device", "seed_everything", "parse_number"]
+__all__ = ["DEVICES", "resolve_device", "SEED_LIMIT", "check_seed", "seed_everything", "parse_number"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,8 +36,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: NumPy's legacy seeding takes integers in [0, 2**32).
+SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` if it is an integer every generator accepts (0 <= seed < 2**32, NumPy's range),
+    else ``ValueError`` naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**32), got {seed!r}")
+    return seed
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) global generators."""
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, List
 
 import torch
 
@@ -109,16 +110,32 @@ def measure(config: str, model: str, device_name: str, batches: int) -> dict:
             "batches": st.batch, "ms_per_batch": 1000 * st.train_time / st.batch}
 
 
+def _names(valid) -> "Callable[[str], List[str]]":
+    """An argparse type: a comma-separated list of names from ``valid`` (an error lists them)."""
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in valid]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(map(repr, bad))}; valid: "
+                                             f"{', '.join(valid)}")
+        return names
+    return parse
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--batches", type=int, default=2, help="timed training batches and eval chunks")
-    p.add_argument("--configs", default="small,ptb")
-    p.add_argument("--models", default="LSTM,RNN-tanh,RNN-elu")
+    p.add_argument("--configs", type=_names(CONFIGS), default="small,ptb",
+                   help=f"comma-separated, from: {', '.join(CONFIGS)} (default: %(default)s)")
+    p.add_argument("--models", type=_names(MODELS), default="LSTM,RNN-tanh,RNN-elu",
+                   help=f"comma-separated, from: {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.batches < 1:
+        p.error(f"--batches must be a positive integer, got {args.batches}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
@@ -130,14 +147,16 @@ def main(argv=None) -> int:
     print(f"device: {device} ({name}); torch {torch.__version__}; {args.batches} timed batches each")
     mem = "peak MiB (CUDA max allocated)" if device.type == "cuda" else "peak MiB (RSS growth)"
     print(f"{'config':<7} {'model':<9} {'ms/batch':>9} {'train tok/s':>12} {'eval tok/s':>11} {mem:>30}")
-    results = []
-    for config in args.configs.split(","):
-        for model in args.models.split(","):
+    results, failed = [], 0
+    for config in args.configs:
+        for model in args.models:
             cmd = [sys.executable, __file__, "--worker", config, model, "--device", args.device,
                    "--batches", str(args.batches)] + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
             if proc.returncode != 0:
-                print(f"{config:<7} {model:<9} failed: {proc.stderr.strip().splitlines()[-1]}")
+                lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+                print(f"{config:<7} {model:<9} failed: {lines[-1]}")
+                failed += 1
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
@@ -145,7 +164,7 @@ def main(argv=None) -> int:
                   f"{r['eval_tok_s']:>11.0f} {r['peak_mib']:>30.0f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -83,3 +83,42 @@ def test_rng_state_round_trip(tmp_path):
     second = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(2))
     assert torch.equal(first[0], second[0]) and first[1:3] == second[1:3]
     assert np.array_equal(first[3], second[3])
+
+
+class Foreign:
+    """A class of 'other code', which a safe load must refuse."""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_files_get_the_mode_of_an_ordinary_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        ckpt = write(tmp_path / "ckpt.pt")
+        other = C.atomic_write(tmp_path / "summary.json", lambda tmp: open(tmp, "w").write("{}"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    assert ckpt.stat().st_mode & 0o777 == expected and other.stat().st_mode & 0o777 == expected
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "plain.txt", "summary.json"]
+
+
+def test_files_that_are_no_checkpoint_say_so_without_torch_advice(tmp_path):
+    cases = {"README.md": b"# A project\n\nSome text.\n", "metrics.json": b'{"epoch": 1}\n',
+             "empty.pt": b"", "binary.bin": bytes(range(7, 200))}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(C.CheckpointError) as info:
+            C.load_checkpoint(tmp_path / name)
+        msg = str(info.value)
+        assert msg == f"{tmp_path / name}: not a checkpoint (not a file written by torch.save)"
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": Foreign()}, foreign)
+    with pytest.raises(C.CheckpointError) as info:
+        C.load_checkpoint(foreign)
+    msg = str(info.value)
+    assert "a safe load refuses" in msg and "Foreign" in msg
+    assert "weights_only" not in msg and "\n" not in msg
