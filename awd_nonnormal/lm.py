@@ -58,6 +58,7 @@ from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
                    RunExistsError, check_resume)
+from .progress import progress_bar
 from .utils import check_seed, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class TrainConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_skipped_steps: steps in a row whose gradient norm is not finite (each skipped, see
             :mod:`awd_nonnormal.runs`) after which the run ends as diverged.
-        progress: show a tqdm progress bar over the batches.
+        progress: show progress over the batches (a bar on a terminal, else a line per 30 s).
         overwrite: allow a new run to replace existing files at ``save``.
     """
 
@@ -564,7 +565,6 @@ class Trainer:
         """Train from the current state to ``epochs``. Returns ``(interrupted, where)``: after a
         Ctrl-C the latest state is saved (so ``--resume`` continues at the next batch) and
         training stops; a second Ctrl-C aborts at once (KeyboardInterrupt)."""
-        from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         st, cfg = self.state, self.cfg
@@ -573,10 +573,10 @@ class Trainer:
             try:
                 while st.epoch <= cfg.epochs:
                     epoch_start = time.perf_counter() - st.train_time
-                    with tqdm(total=tokens_per_epoch, initial=st.pos * cfg.batch_size, unit="tok",
-                              unit_scale=True, desc=f"epoch {st.epoch}", leave=False,
-                              disable=not cfg.progress) as bar:
-                        self._train_epoch(bar if cfg.progress else None)
+                    with progress_bar(total=tokens_per_epoch, initial=st.pos * cfg.batch_size,
+                                      unit="tok", desc=f"epoch {st.epoch}", enabled=cfg.progress,
+                                      unit_scale=True, leave=False) as bar:
+                        self._train_epoch(bar)
                     self._end_epoch(epoch_start)
             except KeyboardInterrupt:
                 where = f"epoch {st.epoch}, batch {st.batch}"

@@ -58,6 +58,7 @@ from .analysis import (ACTIVATIONS, mean_sem, peak_order, pulse_deviation, shuff
 from .checkpoint import CheckpointError, load_checkpoint
 from .init import GATES, HH_PATTERN, INIT_PARAMS, recurrent_layers
 from .runs import json_clean, write_text
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class PosthocConfig:
     jitter: float = 1e-3                         # ties in peak time broken with U[0, jitter)
     seed: int = 0
     null_samples: int = 100                      # random unit orders of the shuffled-order null; 0: none
-    progress: bool = True                        # a tqdm bar on stderr (drawn on a terminal only)
+    progress: bool = True                        # a bar on a terminal, else a line per 30 s (stderr)
 
     def __post_init__(self) -> None:
         if self.heatmaps not in HEATMAP_CHOICES:
@@ -590,12 +591,9 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
     filter_keys_seen: set = set()
     n_no_result = 0
 
-    from tqdm.auto import tqdm
-
-    # a bar over the checkpoints, naming the gate block in hand (a large LSTM takes minutes);
-    # tqdm draws it only on a terminal
-    bar = tqdm(candidates, desc="analysing", unit="ckpt", disable=None if cfg.progress else True,
-               leave=False)
+    # progress over the checkpoints, naming the gate block in hand (a large LSTM takes minutes):
+    # a bar on a terminal, a line per interval in a log
+    bar = progress_bar(candidates, desc="analysing", unit="ckpt", enabled=cfg.progress, leave=False)
     tick = lambda label: bar.set_postfix_str(label, refresh=True)  # noqa: E731
     for i, cand in enumerate(bar):
         where = str(cand.path)

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import init as initmod
 from ..analysis import mean_sem
+from ..progress import progress_bar
 from ..runs import json_clean
 from ..utils import parse_number
 from . import train as T
@@ -512,17 +513,13 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
     run_options = T.RunOptions(device=options.device, progress=False, mnist_dir=options.mnist_dir,
                                eval_batch_size=options.eval_batch_size)
     errors: Dict[str, str] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan.runs), initial=skipped, desc=f"sweep {plan.task}", unit="run",
-                   dynamic_ncols=True)
+    bar = progress_bar(total=len(plan.runs), initial=skipped, desc=f"sweep {plan.task}",
+                       unit="run", enabled=progress, dynamic_ncols=True)
 
     def done(run_dir: str, result, error) -> None:
         if error is not None:
             errors[run_dir] = error
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if on_run_done is not None:
             on_run_done(run_dir, result, error)
 
@@ -548,8 +545,7 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if errors:
         logger.warning("%d run(s) failed: %s", len(errors),
                        "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:5]))

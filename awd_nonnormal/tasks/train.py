@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
 from ..init import INIT_PARAMS, check_init
+from ..progress import progress_bar
 from ..rnn import RNN
 from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, Diverged,
                     GracefulInterrupt, MetricsLog, NonFiniteGuard, differences, is_finished,
@@ -486,8 +487,5 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
 
 
 def _progress(enabled: bool, total: int, initial: int, epoch: int, epochs: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}",
+                        unit="batch", enabled=enabled, leave=False, dynamic_ncols=True)
