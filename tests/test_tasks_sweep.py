@@ -243,3 +243,51 @@ def test_cli_sweep_with_worker_processes(tmp_path, capsys):
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["T"] == 25
     assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())
                          ["models"]["chain"]["best"]["final_val_loss_mean"])
+
+
+def _files(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+def test_summarize_uses_the_stored_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--models", "chain,identity", "--lr", "1e-3", "--seeds", "1,2", "--values",
+            "chain=1.0", "--values", "identity=1.0", "--out", str(out), *TINY_FLAGS]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out.split("\nwrote ")[0]
+    assert "chain" in table and "identity" in table
+    before = _files(out)
+    assert {"summary.csv", "summary.json", "sweep.json", "best_curves.png",
+            "success_counts.png"} <= set(before)
+
+    # Without any task or grid flag, or with flags that agree with the stored sweep: the same
+    # table byte for byte, and the files left as they were.
+    agreeing = [[], ["--task", "copy", "--T", "25", "--lr", "1e-3", "--seeds", "1:2"],
+                ["--models", "chain,identity", "--values", "chain=1.0", "--epochs", "2"]]
+    for flags in agreeing:
+        assert cli.main(["sweep", "--summarize", "--out", str(out), *flags]) == 0, flags
+        text = capsys.readouterr().out
+        assert text.split("\nsummary files in ")[0] == table and "unchanged" in text
+        assert _files(out) == before
+
+    # A flag that disagrees is refused in one line, and nothing is written.
+    refused = [(["--T", "26"], "--T 26 (the sweep has 25)"),
+               (["--task", "addition"], "--task 'addition'"),
+               (["--lr", "1e-4"], "--lr: lr [0.0001] (the sweep has [0.001])"),
+               (["--models", "chain"], "--models/--values"),
+               (["--values", "chain=1.02"], "--models/--values")]
+    for flags, match in refused:
+        assert cli.main(["sweep", "--summarize", "--out", str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert _files(out) == before
+
+    # No stored sweep: one line. A real change (another ranking) is written.
+    assert cli.main(["sweep", "--summarize", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no sweep" in capsys.readouterr().err
+    assert cli.main(["sweep", "--summarize", "--out", str(out), "--rank-by", "min"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    after = _files(out)
+    assert after["summary.json"][0] != before["summary.json"][0]
+    assert after["sweep.json"] == before["sweep.json"]

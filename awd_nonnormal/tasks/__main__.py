@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--rank-by", choices=S.RANK_BY, default="final",
                     help="best config by the seeds' mean final (default) or minimum validation loss")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")
-    sw.add_argument("--summarize", action="store_true", help="only summarise the finished runs")
+    sw.add_argument("--summarize", action="store_true",
+                    help="only summarise the finished runs of the sweep in --out, with the grid "
+                    "and task settings stored with it (task and grid flags may be left out; one "
+                    "that disagrees with the stored sweep is refused)")
     sw.add_argument("--init-plugin", action="append", dest="init_plugins", metavar="MODULE|FILE.py",
                     help="import a module or file that registers initializers (repeatable)")
     _add_task_options(sw)
@@ -223,7 +226,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return cli.EXIT_DIVERGED if outcome.result.get("status") == "diverged" else cli.EXIT_OK
 
 
+def _print_and_write_summary(summary, out: Path) -> None:
+    print(S.format_summary(summary))
+    written = S.write_summary(summary, out)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"summary files in {out} unchanged (summary.csv, summary.json, figures)")
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    """Tabulate the sweep stored in --out with the grid and settings stored with it."""
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.task or 'copy'}"
+    grid, settings = S.load_sweep(out)
+    S.check_stored_sweep(grid, settings, _task_kwargs(args), models=args.models, lrs=args.lr,
+                         seeds=args.seeds, values=args.values, grid_file=args.grid)
+    plan = S.plan_sweep(grid, settings, out)
+    _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.summarize:
+        return _cmd_summarize(args)
     grid = S.grid_from_args(task=args.task, models=args.models, lrs=args.lr, seeds=args.seeds,
                             values=args.values, grid_file=args.grid,
                             plugins=tuple(args.init_plugins or ()))
@@ -236,14 +261,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(S.format_plan(plan))
         return 0
     options = _options(args, progress=False)
-    if not args.summarize:
-        _set_threads(args.threads)
-        S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
-                    progress=not args.no_progress)
-    summary = S.summarize(plan, rank_by=args.rank_by)
-    print(S.format_summary(summary))
-    for path in S.write_summary(summary, out):
-        print(f"wrote {path}")
+    _set_threads(args.threads)
+    S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
+                progress=not args.no_progress)
+    _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import io
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GridError", "ModelGrid", "Grid", "PAPER_LRS", "PAPER_SEEDS", "PAPER_MODELS",
            "paper_grid", "parse_list", "grid_from_args", "load_grid_file", "plan_sweep",
            "SweepPlan", "run_sweep", "summarize", "format_summary", "format_plan",
-           "write_summary", "RANK_BY", "GRID_HELP"]
+           "write_summary", "load_sweep", "check_stored_sweep", "RANK_BY", "GRID_HELP"]
 
 RANK_BY = ("final", "min")
 SWEEP_FILE = "sweep.json"
@@ -265,8 +266,10 @@ def _model_from_spec(name: str, spec: Any, where: str) -> ModelGrid:
 def grid_from_args(task: Optional[str] = None, models: Optional[str] = None, lrs: Optional[str] = None,
                    seeds: Optional[str] = None, values: Optional[Sequence[str]] = None,
                    grid_file: Optional[Union[str, Path]] = None,
-                   plugins: Sequence[str] = ()) -> Grid:
-    """Build and check a grid from the command-line strings (and an optional JSON file).
+                   plugins: Sequence[str] = (), grid_data: Optional[Mapping[str, Any]] = None,
+                   where: str = "grid") -> Grid:
+    """Build and check a grid from the command-line strings (and an optional JSON file, or the
+    same data as ``grid_data``, e.g. a stored sweep's grid).
 
     Precedence: the paper's grid, then the file, then the flags. ``models`` selects and orders
     the models; a model outside the paper's grid sweeps only lr x seeds unless ``values`` gives
@@ -274,8 +277,8 @@ def grid_from_args(task: Optional[str] = None, models: Optional[str] = None, lrs
     """
     if task is not None:
         T.get_task(task)
-    file_data = load_grid_file(grid_file) if grid_file else {}
-    where = f"grid file {grid_file}" if grid_file else "grid"
+    file_data = load_grid_file(grid_file) if grid_file else dict(grid_data or {})
+    where = f"grid file {grid_file}" if grid_file else where
     lr_list = _as_list(file_data["lr"], f"{where}: lr") if "lr" in file_data else PAPER_LRS
     seed_list = (_as_list(file_data["seeds"], f"{where}: seeds", integer=True)
                  if "seeds" in file_data else PAPER_SEEDS)
@@ -436,6 +439,55 @@ def format_plan(plan: SweepPlan) -> str:
     lines.append(f"  lr in {', '.join(f'{v:g}' for v in plan.grid.lrs)}; seeds "
                  f"{', '.join(map(str, plan.grid.seeds))}")
     return "\n".join(lines)
+
+
+def load_sweep(out: Union[str, Path]) -> Tuple[Grid, Dict[str, Any]]:
+    """The grid and the task settings stored with the sweep in ``out`` (``sweep.json``); raises
+    :class:`GridError` when there is none or it cannot be read."""
+    manifest = Path(out) / SWEEP_FILE
+    if not manifest.is_file():
+        raise GridError(f"{out} holds no sweep (no {SWEEP_FILE}); run the sweep first, or name "
+                        f"its folder with --out")
+    try:
+        stored = json.loads(manifest.read_text())
+        settings, grid_data = dict(stored["settings"]), stored["grid"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GridError(f"{manifest}: not a readable sweep record ({exc})") from None
+    plugins = tuple(settings.get("init_plugins") or ())
+    grid = grid_from_args(grid_data=grid_data, plugins=plugins, where=str(manifest))
+    return grid, settings
+
+
+def check_stored_sweep(grid: Grid, settings: Mapping[str, Any], given: Mapping[str, Any],
+                       models: Optional[str] = None, lrs: Optional[str] = None,
+                       seeds: Optional[str] = None, values: Optional[Sequence[str]] = None,
+                       grid_file: Optional[Union[str, Path]] = None) -> None:
+    """Flags given with ``--summarize`` must agree with the stored sweep (its ``grid`` and task
+    ``settings``): the stored sweep is what is tabulated, so a flag that disagrees is refused
+    (:class:`GridError` listing them), never applied. ``given`` holds the task settings typed."""
+    conflicts = []
+    for key, value in given.items():
+        flag = "--" + ("init-plugin" if key == "init_plugins" else key.replace("_", "-"))
+        try:
+            mine = T.make_config(**{**settings, key: value}).to_dict().get(key)
+        except (T.TaskError, TypeError, ValueError):
+            mine = value
+        if json.loads(json.dumps(mine)) != settings.get(key):
+            conflicts.append(f"{flag} {value!r} (the sweep has {settings.get(key)!r})")
+    if any(x is not None for x in (models, lrs, seeds, values, grid_file)):
+        plugins = tuple(settings.get("init_plugins") or ())
+        applied = grid_from_args(models=models, lrs=lrs, seeds=seeds, values=values,
+                                 grid_file=grid_file, plugins=plugins,
+                                 grid_data=None if grid_file else grid.to_dict())
+        mine, theirs = applied.to_dict(), grid.to_dict()
+        names = {"lr": "--lr", "seeds": "--seeds", "models": "--models/--values"}
+        for key, flag in names.items():
+            if mine[key] != theirs[key]:
+                conflicts.append(f"{'--grid ' + str(grid_file) if grid_file else flag}: "
+                                 f"{key} {mine[key]} (the sweep has {theirs[key]})")
+    if conflicts:
+        raise GridError("--summarize tabulates the sweep stored with it; leave out the flags that "
+                        "disagree with it: " + "; ".join(conflicts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +722,9 @@ CSV_FIELDS = ("model", "param", "value", "lr", "seeds_finished", "seeds_total",
 
 def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Path]:
     """``summary.csv`` (one row per config), ``summary.json`` and the two Figure 3 panels
-    (``best_curves.png``, ``success_counts.png``) in ``out``."""
+    (``best_curves.png``, ``success_counts.png``) in ``out``; returns the paths written. When the
+    files there already hold this summary, nothing is rewritten (their dates stay as they were)
+    and the list is empty."""
     from .. import plots
     from ..checkpoint import atomic_write
     out = Path(out)
@@ -680,24 +734,39 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
         for row in m["configs"]:
             rows.append({**{k: row.get(k) for k in CSV_FIELDS if k != "best"},
                          "best": row is m["best"]})
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v))
-                                else v) for k, v in row.items()})
-
-    paths = [atomic_write(out / "summary.csv", write_csv)]
-    text = json.dumps(json_clean(summary), indent=2) + "\n"
-    paths.append(atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text)))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                        else v) for k, v in row.items()})
+    texts = {out / "summary.csv": buf.getvalue(),
+             out / "summary.json": json.dumps(json_clean(summary), indent=2) + "\n"}
     title = f"{summary['task']}"
     curves = {name: m["best_curve"] for name, m in summary["models"].items()
               if m["best_curve"] and m["best_curve"]["epoch"]}
+    figures = ([out / "best_curves.png"] if curves else []) + [out / "success_counts.png"]
+    if all(_read(path) == text for path, text in texts.items()) and all(f.is_file() for f in figures):
+        return []
+
+    def writer(text: str):
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as fh:
+                fh.write(text)
+        return write
+
+    paths = [atomic_write(path, writer(text)) for path, text in texts.items()]
     if curves:
         paths.append(plots.task_loss_curves(curves, summary["baseline"], out / "best_curves.png",
                                             title=title))
     counts = {name: (m["successes"], m["runs"]) for name, m in summary["models"].items()}
     paths.append(plots.task_success_counts(counts, out / "success_counts.png", title=title))
     return paths
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        with open(path, newline="") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
