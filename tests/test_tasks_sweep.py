@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -260,6 +261,12 @@ def test_summarize_uses_the_stored_sweep(tmp_path, capsys):
     before = _files(out)
     assert {"summary.csv", "summary.json", "sweep.json", "best_curves.png",
             "success_counts.png"} <= set(before)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("summary.csv", "summary.json", "sweep.json"):  # an ordinary file's mode
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    run = out / "chain" / "alpha1-lr0.001-seed1"
+    assert {p.stat().st_mode & 0o777 for p in run.iterdir()} == {0o666 & ~umask}
 
     # Without any task or grid flag, or with flags that agree with the stored sweep: the same
     # table byte for byte, and the files left as they were.
