@@ -163,9 +163,10 @@ def _show(value) -> str:
 
 #: SHA-256 of the original archives, as published by others who downloaded them from the original
 #: sites: enwik8.zip by Hugging Face datasets (``enwik8/dataset_infos.json``, 36,445,475 bytes),
-#: the WikiText zips by the Julia package CorpusLoaders.jl (its DataDeps registrations), the four
-#: MNIST files by TensorFlow Datasets (``url_checksums/mnist.txt``). PTB's simple-examples.tgz
-#: has no published SHA-256 that we could find: it is checked for integrity only.
+#: the WikiText zips by the Julia package LanguageModelingDatasets.jl (its DataDeps
+#: registrations, ``src/datasets/wikitext.jl``), the four MNIST files by TensorFlow Datasets
+#: (``url_checksums/mnist.txt``). Each agrees with other independent copies of the same sum.
+#: PTB's simple-examples.tgz has no published SHA-256 that we could find: integrity check only.
 PUBLISHED_SHA256 = {
     "enwik8.zip": "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
     "wikitext-2-v1.zip": "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
