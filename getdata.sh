@@ -235,23 +235,30 @@ fetch() {
 # ---------------------------------------------------------------------------------------------
 # Datasets
 
-# done_already NAME PARAMS_JSON: true (and says so) when DEST/NAME is complete and not --force;
-# a folder complete with other parameters ends the run, untouched, unless --force.
-done_already() {
-    local name="$1" params="$2" rc=0
-    [[ $FORCE == 0 ]] || return 1
-    prepare check "$DEST/$name" --params "$params" || rc=$?
-    case $rc in
-        0) say "$name: already prepared in $DEST/$name, skipping (use --force to redo)"; return 0 ;;
-        3) exit 1 ;;  # prepare check said why
+# params_of NAME: the parameters recorded in DEST/NAME/.complete (JSON).
+params_of() {
+    case "$1" in
+        enwik8) echo "{\"test_bytes\": $ENWIK8_TEST_BYTES}" ;;
+        mnist) echo "{\"items\": $MNIST_ITEMS_JSON}" ;;
+        toy) echo '{"lines": 4000, "seed": 0}' ;;
+        *) echo "{}" ;;
     esac
+}
+
+# done_already NAME: true (and says so) when DEST/NAME is complete and not --force.
+done_already() {
+    local name="$1"
+    if [[ $FORCE == 0 ]] && prepare check "$DEST/$name" --params "$(params_of "$name")"; then
+        say "$name: already prepared in $DEST/$name, skipping (use --force to redo)"
+        return 0
+    fi
     return 1
 }
 
 get_ptb() {  # penn or pennchar, both from simple-examples.tgz
     local name="$1" infix=""
     [[ "$name" == pennchar ]] && infix="char."
-    if done_already "$name" "{}"; then return 0; fi
+    if done_already "$name"; then return 0; fi
     say "$name: preparing"
     fetch simple-examples.tgz "$PTB_URL"
     prepare extract "$ARCHIVE" "$DEST/$name" \
@@ -262,7 +269,7 @@ get_ptb() {  # penn or pennchar, both from simple-examples.tgz
 
 get_wikitext() {  # wikitext-2 or wikitext-103
     local name="$1"
-    if done_already "$name" "{}"; then return 0; fi
+    if done_already "$name"; then return 0; fi
     say "$name: preparing"
     fetch "$name-v1.zip" "$WIKITEXT_URL/$name-v1.zip"
     prepare extract "$ARCHIVE" "$DEST/$name" \
@@ -272,14 +279,14 @@ get_wikitext() {  # wikitext-2 or wikitext-103
 }
 
 get_enwik8() {
-    if done_already enwik8 "{\"test_bytes\": $ENWIK8_TEST_BYTES}"; then return 0; fi
+    if done_already enwik8; then return 0; fi
     say "enwik8: preparing (the split of the full file takes a few seconds)"
     fetch enwik8.zip "$ENWIK8_URL"
     prepare enwik8 "$ARCHIVE" "$DEST/enwik8" --test-bytes "$ENWIK8_TEST_BYTES"
 }
 
 get_mnist() {
-    if done_already mnist "{\"items\": $MNIST_ITEMS_JSON}"; then return 0; fi
+    if done_already mnist; then return 0; fi
     say "mnist: preparing"
     local file base sources=()
     for file in "${MNIST_FILES[@]}"; do
@@ -292,10 +299,22 @@ get_mnist() {
 }
 
 get_toy() {
-    if done_already toy '{"lines": 4000, "seed": 0}'; then return 0; fi
+    if done_already toy; then return 0; fi
     say "toy: generating"
     prepare toy "$DEST/toy" --lines 4000 --seed 0
 }
+
+# A dataset complete with other parameters is never replaced unasked: with any such conflict the
+# run stops before anything is touched (prepare check names the settings), unless --force.
+if [[ $FORCE == 0 ]]; then
+    conflict=0
+    for name in "${REQUESTED[@]}"; do
+        rc=0
+        prepare check "$DEST/$name" --params "$(params_of "$name")" || rc=$?
+        [[ $rc != 3 ]] || conflict=1
+    done
+    [[ $conflict == 0 ]] || exit 1
+fi
 
 for name in "${REQUESTED[@]}"; do
     case "$name" in

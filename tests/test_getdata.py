@@ -191,6 +191,12 @@ def test_second_run_skips_and_leaves_files_alone(mirror, tmp_path):
     r = getdata("--mirror", mirror, "--dest", dest, "--mnist-items", "any", "mnist")
     assert r.returncode == 1 and "--mnist-items 5,3 there, any now" in r.stderr
     assert snapshot(dest) == before
+    # The whole run is refused before any dataset is touched, even one named before the conflict.
+    shutil.rmtree(dest / "penn")
+    r = getdata("--mirror", mirror, "--dest", dest, "penn", "enwik8")
+    assert r.returncode == 1 and "--enwik8-test-bytes 60 there, 5000000 now" in r.stderr
+    assert not (dest / "penn").exists()
+    before = snapshot(dest)
     r = getdata("--mirror", mirror, "--dest", dest, *MNIST_OPTS[:2], "--enwik8-test-bytes", 50,
                 "--force", "enwik8", "mnist")
     assert r.returncode == 0, r.stderr
