@@ -469,7 +469,7 @@ def check_stored_sweep(grid: Grid, settings: Mapping[str, Any], given: Mapping[s
     for key, value in given.items():
         flag = "--" + ("init-plugin" if key == "init_plugins" else key.replace("_", "-"))
         try:
-            mine = T.make_config(**{**settings, key: value}).to_dict().get(key)
+            mine = T.flat_config(T.make_config(**{**settings, key: value})).get(key)
         except (T.TaskError, TypeError, ValueError):
             mine = value
         if json.loads(json.dumps(mine)) != settings.get(key):
