@@ -125,7 +125,7 @@ def add_device_argument(group, default: str = "auto") -> None:
 def add_output_arguments(group, *, progress: bool = True, verbose_help: str = "debug logging") -> None:
     """``--no-progress`` (with ``progress``) and ``-v/--verbose`` (repeatable)."""
     if progress:
-        group.add_argument("--no-progress", action="store_true", help="no progress bar")
+        group.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, else a log line per 30 s)")
     group.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
 
 
