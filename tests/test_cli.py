@@ -58,7 +58,7 @@ CASES = {
     "missing init plug-in": (["--init-plugin", "no_such_module_xyz"], ["--init-plugin", "no_such_module_xyz"],
                              None, cli.EXIT_USAGE, "no_such_module_xyz"),
     "checkpoint that is not a checkpoint": (["--resume", "{tmp}/junk.pt"], [], "junk", cli.EXIT_ERROR,
-                                            "not a readable checkpoint"),
+                                            "not a checkpoint"),
     "output holds another run": ([], [], "exists", cli.EXIT_RUN_EXISTS, "--resume"),
 }
 
