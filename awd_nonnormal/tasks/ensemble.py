@@ -1,0 +1,696 @@
+"""Batched ensembles: many task runs trained as one model with a leading member axis.
+
+A sweep of the synthetic tasks (Figure 3 of Orhan & Pitkow 2020) is thousands of runs of one
+small model (one vanilla RNN layer of N = 100 or 25 units, batch 16). Alone, such a run leaves a
+CPU's vector units and a GPU mostly idle: its 500 steps are a chain of tiny kernels, each paying
+Python and dispatch overhead. :func:`train_ensemble` trains M runs at once: every parameter gets a
+leading member axis (``weight_hh`` becomes (M, N, N)), the recurrence is one batched matmul
+(``baddbmm``) per step for all members, and the backpropagation through time is written by hand
+as in :mod:`awd_nonnormal.rnn`, over the member axis.
+
+The members share only the arithmetic. Each has its own config (initializer and its parameters,
+learning rate, seed for the weights, the data and their order, clipping) and gets exactly what
+:func:`.train.train` would give it alone, to float rounding:
+
+* its own RMSprop state (vectorised over members, the update of ``torch.optim.RMSprop``);
+* its own gradient clipping (a global or per-tensor norm over its own tensors only);
+* its own early stop and divergence: a member whose validation loss falls below ``stop_loss``,
+  whose loss becomes NaN or infinite, or whose epoch limit is reached is written out and leaves
+  the batch (the remaining members run on a smaller, faster batch); nothing it does reaches the
+  others, whose arithmetic never mixes members;
+* its own run folder with the single-run files (``config.json``, ``metrics.jsonl``,
+  ``checkpoint.pt``, ``result.json``) written by the single-run trainer's writers, so tables,
+  figures and ``analyze.py`` read them unchanged, and :func:`.train.train` (or another ensemble)
+  resumes them exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import init as initmod
+from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
+from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
+from ..utils import GracefulInterrupt, resolve_device
+from . import train as T
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EnsembleModel", "ensemble_rnn", "train_ensemble", "PER_MEMBER_FIELDS",
+           "ensemble_key"]
+
+#: Config fields in which the members of one ensemble may differ. All other fields (task, length,
+#: width, data sizes, batch size) must agree: they fix the shapes the members share.
+PER_MEMBER_FIELDS = frozenset({
+    "init", "init_scale", "init_alpha", "init_beta", "init_eps", "init_plugins", "lr", "seed",
+    "epochs", "rho", "opt_eps", "clip", "clip_mode", "stop_loss", "perm_seed", "loss",
+})
+
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)
+
+
+def ensemble_key(config: T.TaskConfig) -> Tuple[Tuple[str, Any], ...]:
+    """The shared settings of ``config``: runs with equal keys can train in one ensemble."""
+    return tuple(sorted((k, repr(v)) for k, v in config.to_dict().items()
+                        if k not in PER_MEMBER_FIELDS))
+
+
+# --------------------------------------------------------------------------------------------
+# The batched recurrent layer
+# --------------------------------------------------------------------------------------------
+
+class _EnsembleRNNFunction(torch.autograd.Function):
+    """M vanilla RNN layers over one sequence each, h_0 = 0, with backpropagation through time
+    by hand (as ``awd_nonnormal.rnn._RNNLayerFunction``, with a leading member axis)::
+
+        h_t[m] = f(x_t[m] W_ih[m]^T + b[m] + h_{t-1}[m] W_hh[m]^T)      (rows are batch items)
+
+    The buffer is step-major, (T, M, B, N), so that each step's states of all members are one
+    contiguous (M, B, N) block for ``baddbmm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b: Optional[Tensor],
+                nonlinearity: str) -> Tensor:
+        # x: (T, M, B, d); w_ih: (M, N, d); w_hh: (M, N, N); b: (M, N)
+        with torch.autocast(x.device.type, enabled=False):
+            h = torch.matmul(x, w_ih.transpose(1, 2))  # (T, M, B, N): u_t = x_t W_ih^T
+            if b is not None:
+                h.add_(b.unsqueeze(1))  # + b
+            activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
+            w_hh_t = w_hh.transpose(1, 2).contiguous()  # (M, N, N)
+            steps = h.unbind(0)  # each (M, B, N), contiguous
+            for t, h_t in enumerate(steps):
+                if t > 0:
+                    h_t.baddbmm_(steps[t - 1], w_hh_t)  # z_t = u_t + h_{t-1} W_hh^T
+                if activate_ is not None:
+                    activate_(h_t)  # h_t = f(z_t)
+        ctx.save_for_backward(x, w_hh, h)
+        ctx.nonlinearity = nonlinearity
+        ctx.has_bias = b is not None
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: Tensor):  # (T, M, B, N)
+        x, w_hh, h = ctx.saved_tensors
+        with torch.autocast(grad_h.device.type, enabled=False):
+            T_, M, B, N = h.shape
+            # delta_t = dL/dz_t, backwards through time (Werbos 1990), per member:
+            #   g_t = grad_h[t] + delta_{t+1} W_hh,   delta_t = g_t * f'(z_t)
+            delta = _derivative_from_output(h, ctx.nonlinearity)  # (T, M, B, N) f'(z) from h
+            linear = delta is None
+            if linear:
+                delta = torch.empty_like(h)
+            g = h.new_empty(M, B, N)
+            deltas = delta.unbind(0)
+            grads = grad_h.unbind(0)
+            for t in range(T_ - 1, -1, -1):
+                out = deltas[t] if linear else g
+                if t == T_ - 1:
+                    out.copy_(grads[t])
+                else:
+                    torch.baddbmm(grads[t], deltas[t + 1], w_hh, out=out)  # + delta_{t+1} W_hh
+                if not linear:
+                    deltas[t].mul_(g)
+            need_x, need_wih, need_whh, need_b, _ = ctx.needs_input_grad
+            grad_x = grad_wih = grad_whh = grad_b = None
+            if need_x:
+                raise RuntimeError("the ensemble RNN does not differentiate its input")
+            if need_wih:  # sum_t delta_t^T x_t, per member: (M, N, d)
+                grad_wih = torch.einsum("tmbn,tmbd->mnd", delta, x)
+            if need_whh:  # sum_{t>0} delta_t^T h_{t-1}, per member: (M, N, N)
+                grad_whh = (torch.einsum("tmbi,tmbj->mij", delta[1:], h[:-1]) if T_ > 1
+                            else h.new_zeros(M, N, N))
+            if ctx.has_bias and need_b:
+                grad_b = delta.sum(dim=(0, 2))  # (M, N)
+        return grad_x, grad_wih, grad_whh, grad_b, None
+
+
+def ensemble_rnn(x: Tensor, w_ih: Tensor, w_hh: Tensor, b: Optional[Tensor],
+                 nonlinearity: str) -> Tensor:
+    """M vanilla RNN layers from a zero state: x (T, M, B, d), w_ih (M, N, d), w_hh (M, N, N),
+    b (M, N) or None -> states (T, M, B, N). Differentiable in the weights and the bias."""
+    return _EnsembleRNNFunction.apply(x, w_ih, w_hh, b, nonlinearity)
+
+
+# --------------------------------------------------------------------------------------------
+# The ensemble model: stacked parameters of M task models
+# --------------------------------------------------------------------------------------------
+
+_W_IH, _W_HH, _DEC_W, _DEC_B = "rnn.weight_ih_l0", "rnn.weight_hh_l0", "decoder.weight", "decoder.bias"
+
+
+class EnsembleModel:
+    """The parameters of M :class:`.train.TaskModel` s stacked on a leading member axis.
+
+    ``names`` are the single model's state_dict keys; ``trainable`` those it trains (its
+    ``requires_grad`` parameters), so the ensemble trains exactly what a single run trains.
+    Every recurrent bias (``rnn.bias*``) enters the layer as their sum, as in the single layer.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], nonlinearity: str, readout: str,
+                 device: torch.device) -> None:
+        first = models[0]
+        self.nonlinearity = nonlinearity
+        self.readout = readout
+        self.names = list(first.state_dict().keys())
+        grads = {n: p.requires_grad for n, p in first.named_parameters()}
+        self.trainable = [n for n in self.names if grads.get(n, False)]
+        self.biases = [n for n in self.names if n.startswith("rnn.bias")]
+        self.params: Dict[str, Tensor] = {}
+        states = [m.state_dict() for m in models]
+        for n in self.names:
+            stacked = torch.stack([s[n].detach() for s in states]).to(device)
+            self.params[n] = stacked.requires_grad_(n in self.trainable)
+
+    @property
+    def size(self) -> int:
+        return self.params[_W_HH].shape[0]
+
+    def member_state(self, i: int) -> Dict[str, Tensor]:
+        """Member ``i``'s state_dict (own CPU copies, not views of the stacked storage)."""
+        return {n: p[i].detach().cpu().clone() for n, p in self.params.items()}
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only the members at ``index`` (a 1-D long tensor), in that order."""
+        for n, p in self.params.items():
+            self.params[n] = p.detach()[index].clone().requires_grad_(n in self.trainable)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (T, M, B, d) -> read-out (T, M, B, C) for every step, or (M, B, C) for the last."""
+        p = self.params
+        b = None
+        for n in self.biases:
+            b = p[n] if b is None else b + p[n]  # (M, N)
+        h = ensemble_rnn(x, p[_W_IH], p[_W_HH], b, self.nonlinearity)  # (T, M, B, N)
+        w_t = p[_DEC_W].transpose(1, 2)  # (M, N, C)
+        if self.readout == "last":
+            return torch.baddbmm(p[_DEC_B].unsqueeze(1), h[-1], w_t)  # (M, B, C)
+        return torch.matmul(h, w_t) + p[_DEC_B].unsqueeze(1)  # (T, M, B, C)
+
+
+def _member_view(t: Tensor, like: Tensor) -> Tensor:
+    """A per-member vector (M,) shaped to broadcast against ``like`` (M, ...)."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Members: one run each
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Member:
+    config: T.TaskConfig
+    run_dir: Path
+    derived: Dict[str, Any]
+    extra_state: Dict[str, Any]
+    initial_rnn: Dict[str, Tensor]
+    epoch: int = 0
+    position: int = 0
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    overflow_streak: int = 0
+    epoch_time: float = 0.0
+    elapsed: float = 0.0
+    steps: int = 0
+    square_avg: Optional[Dict[str, Tensor]] = None
+    status: str = "completed"
+    message: str = ""
+    resumed_from: Optional[Tuple[int, int]] = None
+
+    @property
+    def where(self) -> Tuple[int, int]:
+        return self.epoch, self.position
+
+
+BatchHook = Callable[[int, int, Dict[str, float]], None]
+
+
+def _data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
+    return (config.seed, config.resolved_perm_seed())
+
+
+class _Ensemble:
+    """M members that stand at the same (epoch, batch), trained in lockstep."""
+
+    def __init__(self, members: List[_Member], models: List[torch.nn.Module],
+                 options: T.RunOptions, device: torch.device, datasets: Dict[Any, Tuple[Any, Any]]):
+        first = members[0].config
+        self.task = T.get_task(first.task)
+        self.members = members
+        self.options = options
+        self.device = device
+        self.datasets = datasets
+        self.model = EnsembleModel(models, first.nonlinearity, self.task.readout, device)
+        self.batch_size = first.batch_size
+        self.n_train = first.n_train
+        self.n_batches = math.ceil(self.n_train / self.batch_size)
+        self.arch = T.arch_of(first)
+        self.square_avg = {}
+        for n in self.model.trainable:
+            rows = [(m.square_avg[n] if m.square_avg is not None and n in m.square_avg
+                     else torch.zeros_like(self.model.params[n][0].detach().cpu())) for m in members]
+            self.square_avg[n] = torch.stack(rows).to(device)
+        for m in members:
+            m.square_avg = None
+        self._vectors()
+
+    def _vectors(self) -> None:
+        cfg = [m.config for m in self.members]
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.lr = as_tensor([c.lr for c in cfg])
+        self.rho = as_tensor([c.rho for c in cfg])
+        self.eps = as_tensor([c.opt_eps for c in cfg])
+        self.clip = as_tensor([c.clip for c in cfg])
+        self.clip_tensor = torch.tensor([c.clip_mode == "tensor" for c in cfg], device=self.device)
+        self.clip_global = torch.tensor([c.clip_mode == "global" for c in cfg], device=self.device)
+
+    # ---- data ---------------------------------------------------------------------------
+
+    def _batch(self, split: int, index_of: Callable[[_Member], Tensor]) -> Tuple[Tensor, List[Tensor]]:
+        """Inputs (T, M, B, d) of every member (built once per distinct data set and index) and
+        the members' targets."""
+        cache: Dict[Any, Tuple[Tensor, Tensor]] = {}
+        xs, ys = [], []
+        for m in self.members:
+            index = index_of(m)
+            key = (_data_key(m.config), index.data_ptr(), index.shape[0])
+            if key not in cache:
+                dataset = self.datasets[_data_key(m.config)][split]
+                cache[key] = dataset.batch(index.to(self.device), self.device)
+            x, y = cache[key]
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs, dim=1), ys
+
+    def _losses(self, out: Tensor, ys: List[Tensor]) -> Tensor:
+        """Each member's mean loss (M,), by the single-run trainer's own loss function."""
+        outs = out.unbind(1 if self.task.readout == "all" else 0)
+        return torch.stack([self.task.loss(o, y) for o, y in zip(outs, ys)])
+
+    # ---- one optimizer step of every member ---------------------------------------------
+
+    def step(self, orders: Dict[Any, Tensor]) -> Tuple[List[float], List[float]]:
+        """Forward and backward pass of every member on its next batch, and clipping; returns
+        the members' losses and gradient norms. :meth:`update` then applies the step."""
+        bs = self.batch_size
+        x, ys = self._batch(0, lambda m: orders[(_data_key(m.config), m.epoch)]
+                            [m.position * bs:(m.position + 1) * bs])
+        model = self.model
+        model.zero_grad()
+        losses = self._losses(model(x), ys)  # (M,)
+        # A member whose loss is not finite is not backpropagated (its gradient stays its own
+        # business: no arithmetic mixes members, but a zero keeps it tidy) and gets no update.
+        finite = torch.isfinite(losses.detach())
+        torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
+        norms = self._clip()
+        return losses.detach().cpu().tolist(), norms.cpu().tolist()
+
+    def _clip(self) -> Tensor:
+        """Clip each member's gradients as ``train._clip`` does for one run: the norm over the
+        member's own tensors (``global``) or of each tensor (``tensor``); torch's coefficient
+        ``clip / (norm + 1e-6)``, capped at 1. Returns each member's largest norm (M,)."""
+        grads = [self.model.params[n].grad for n in self.model.trainable]
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (K, M)
+        total = torch.linalg.vector_norm(norms, dim=0)  # (M,)
+        one = torch.ones_like(total)
+        global_coef = torch.where(self.clip_global, (self.clip / (total + _CLIP_EPS)).clamp(max=1.0), one)
+        for g, n_k in zip(grads, norms):
+            tensor_coef = (self.clip / (n_k + _CLIP_EPS)).clamp(max=1.0)
+            coef = torch.where(self.clip_tensor, tensor_coef, global_coef)
+            g.mul_(_member_view(coef, g))
+        zero = torch.zeros_like(total)
+        return torch.where(self.clip_tensor, norms.max(dim=0).values,
+                           torch.where(self.clip_global, total, zero))
+
+    def update(self, skip: Sequence[int] = ()) -> None:
+        """``torch.optim.RMSprop`` (no momentum, not centred) with per-member lr, rho and eps:
+        s <- rho s + (1 - rho) g^2;  p <- p - lr g / (sqrt(s) + eps)  (Hinton's lecture 6e;
+        eps outside the root, as torch and Keras 2.2 place it). Members at ``skip`` (positions
+        in the batch) keep their parameters and optimizer state, as a single run that stops
+        before ``optimizer.step()``."""
+        skip = set(skip)
+        moving = None
+        if skip:
+            moving = torch.tensor([i not in skip for i in range(len(self.members))],
+                                  device=self.device)
+        with torch.no_grad():
+            for n in self.model.trainable:
+                p = self.model.params[n]
+                g, s = p.grad, self.square_avg[n]
+                if moving is not None:
+                    keep = _member_view(moving, g)
+                    g = torch.where(keep, g, torch.zeros_like(g))
+                    s_old = s.clone()
+                rho = _member_view(self.rho, s)
+                s.mul_(rho).addcmul_(g, g * (1 - rho))
+                avg = s.sqrt().add_(_member_view(self.eps, s))
+                p.addcdiv_(g * _member_view(-self.lr, g), avg)
+                if moving is not None:
+                    s.copy_(torch.where(keep, s, s_old))
+        for i, m in enumerate(self.members):
+            if i not in skip:
+                m.steps += 1
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self) -> List[Dict[str, float]]:
+        """Each member's mean validation loss (and accuracy at the last step), as
+        :func:`.train.evaluate`; batches of ``eval_batch_size`` rows over all members (at least
+        16 per member)."""
+        M = len(self.members)
+        n = len(self.datasets[_data_key(self.members[0].config)][1])
+        per_member = max(1, max(self.options.eval_batch_size, 16 * M) // M)
+        total = [0.0] * M
+        correct = [0] * M
+        classify_last = self.task.classification and self.task.readout == "last"
+        with torch.no_grad():
+            for start in range(0, n, per_member):
+                index = torch.arange(start, min(start + per_member, n))
+                x, ys = self._batch(1, lambda m: index)
+                out = self.model(x)
+                losses = self._losses(out, ys).cpu().tolist()
+                for i, loss in enumerate(losses):
+                    total[i] += loss * len(index)
+                if classify_last:
+                    hits = [int((o.argmax(-1) == y).sum()) for o, y in zip(out.unbind(0), ys)]
+                    for i, h in enumerate(hits):
+                        correct[i] += h
+        rows = []
+        for i in range(M):
+            row = {"loss": total[i] / n}
+            if classify_last:
+                row["acc"] = correct[i] / n
+            rows.append(row)
+        return rows
+
+    # ---- leaving the batch ----------------------------------------------------------------
+
+    def drop(self, leaving: List[int]) -> None:
+        """Remove the members at positions ``leaving`` from the batch."""
+        keep = [i for i in range(len(self.members)) if i not in set(leaving)]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.model.keep(index)
+        for n in self.square_avg:
+            self.square_avg[n] = self.square_avg[n][index].clone()
+        self.members = [self.members[i] for i in keep]
+        self._vectors()
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def _optimizer_state(self, i: int) -> Dict[str, Any]:
+        """Member ``i``'s optimizer state in ``torch.optim.RMSprop.state_dict()`` form."""
+        m = self.members[i]
+        c = m.config
+        template = T.build_model(c)
+        names = [n for n, _ in template.named_parameters()]
+        opt = torch.optim.RMSprop(list(template.parameters()), lr=c.lr, alpha=c.rho, eps=c.opt_eps)
+        sd = opt.state_dict()
+        if m.steps > 0:
+            sd["state"] = {k: {"step": torch.tensor(float(m.steps)),
+                               "square_avg": self.square_avg[n][i].detach().cpu().clone()}
+                           for k, n in enumerate(names) if n in self.square_avg}
+        return sd
+
+    def save(self, i: int, result: Optional[Dict[str, Any]] = None) -> None:
+        """Member ``i``'s checkpoint, in exactly the single-run trainer's format."""
+        m = self.members[i]
+        payload = dict(optimizer=self._optimizer_state(i), epoch=m.epoch, batch=m.position,
+                       best_val=min((r["val_loss"] for r in m.metrics), default=None),
+                       rng=rng_state(), metrics=m.metrics, initial_rnn=m.initial_rnn,
+                       train_loss_sum=m.loss_sum, train_count=m.loss_count,
+                       overflow_streak=m.overflow_streak, epoch_time=m.epoch_time,
+                       elapsed=m.elapsed,
+                       derived={k: v for k, v in m.derived.items() if k != "permutation"},
+                       **m.extra_state)
+        if result is not None:
+            payload["result"] = result
+        save_checkpoint(m.run_dir / T.CHECKPOINT_FILE, kind="task", arch=self.arch,
+                        config=m.config.to_dict(), model=self.model.member_state(i), **payload)
+
+    def save_progress(self, i: int) -> None:
+        self.save(i)
+        T._write_jsonl(self.members[i].run_dir / T.METRICS_FILE, self.members[i].metrics)
+
+    def finish(self, i: int) -> Dict[str, Any]:
+        """Write member ``i``'s result, as :func:`.train.train` does at the end of a run."""
+        m = self.members[i]
+        task = self.task
+        baseline = m.derived["baseline"]
+        final = m.metrics[-1]["val_loss"] if m.metrics and m.status != "diverged" else None
+        result = {
+            "status": m.status,
+            "final_val_loss": final,
+            "min_val_loss": min((r["val_loss"] for r in m.metrics if math.isfinite(r["val_loss"])),
+                                default=None),
+            "baseline": baseline,
+            "success": task.success(final, baseline),
+            "epochs_run": len(m.metrics),
+            "time": sum(r["time"] for r in m.metrics),
+        }
+        if task.classification and task.readout == "last":
+            result["val_acc"] = (m.metrics[-1].get("val_acc")
+                                 if m.metrics and m.status != "diverged" else None)
+        if m.message:
+            result["message"] = m.message
+        self.save(i, result)
+        T._write_jsonl(m.run_dir / T.METRICS_FILE, m.metrics)
+        T._write_json(m.run_dir / T.RESULT_FILE, result)
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device: torch.device,
+             datasets: Dict[Any, Tuple[Any, Any]]) -> Tuple[Optional[_Member], Optional[torch.nn.Module],
+                                                          Optional[T.RunOutcome]]:
+    """A member ready to train (with its model), or the outcome of a run that had finished."""
+    task = T.get_task(config.task)
+    T.check_run_dir(run_dir, config)
+    done = T.read_result(run_dir)
+    if done is not None:
+        logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
+        return None, None, T.RunOutcome(run_dir, done, skipped=True, metrics=T.read_metrics(run_dir))
+    for plugin in config.init_plugins:
+        initmod.load_plugin(plugin)
+    key = _data_key(config)
+    if key not in datasets:
+        train_set, val_set, facts = task.datasets(config, options)
+        datasets[key] = (T._to_device(train_set, device), T._to_device(val_set, device), facts)
+    facts = datasets[key][2]
+    baseline = task.baseline(config)
+    derived = {"seq_len": task.seq_len(config), "baseline": baseline,
+               "success_below": T.SUCCESS_FRACTION * baseline, "input_size": task.input_size,
+               "output_size": task.output_size, "readout": task.readout, **facts}
+    extra_state = {}
+    if "permutation" in facts:
+        extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+    model = T.build_model(config)
+    ckpt_path = run_dir / T.CHECKPOINT_FILE
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, kind="task")
+        if {**ckpt["config"], "epochs": config.epochs} != config.to_dict():
+            diff = "; ".join(T._differences(ckpt["config"], config.to_dict()))
+            raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
+        model.load_state_dict(ckpt["model"])
+        names = [n for n, _ in model.named_parameters()]
+        opt_state = ckpt["optimizer"]["state"]
+        square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
+        steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
+        member = _Member(config, run_dir, derived, extra_state, ckpt["initial_rnn"],
+                         epoch=int(ckpt["epoch"]), position=int(ckpt["batch"]),
+                         metrics=list(ckpt["metrics"]), loss_sum=float(ckpt["train_loss_sum"]),
+                         loss_count=int(ckpt["train_count"]),
+                         overflow_streak=int(ckpt.get("overflow_streak", 0)),
+                         epoch_time=float(ckpt["epoch_time"]), elapsed=float(ckpt["elapsed"]),
+                         steps=steps, square_avg=square_avg)
+        member.resumed_from = member.where
+        logger.info("%s: resuming at epoch %d, batch %d", run_dir, member.epoch + 1, member.position)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        T._write_json(run_dir / T.CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
+                                                "arch": T.arch_of(config)})
+        initial_rnn = {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
+        member = _Member(config, run_dir, derived, extra_state, initial_rnn)
+    if member.metrics and member.metrics[-1]["val_loss"] < config.stop_loss:
+        member.status = "converged"
+    return member, model, None
+
+
+def _check_members(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Path]) -> None:
+    if not configs:
+        raise T.TaskError("an ensemble needs at least one run")
+    if len(configs) != len(run_dirs):
+        raise T.TaskError(f"{len(configs)} configs but {len(run_dirs)} run folders")
+    if len({str(Path(d).resolve()) for d in run_dirs}) != len(run_dirs):
+        raise T.TaskError("two ensemble members share a run folder")
+    key = ensemble_key(configs[0])
+    for c in configs[1:]:
+        if ensemble_key(c) != key:
+            diff = "; ".join(f"{k}: {a} vs {b}" for (k, a), (_, b) in zip(key, ensemble_key(c)) if a != b)
+            raise T.TaskError(f"ensemble members must share their task settings ({diff})")
+
+
+def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str, Path]],
+                   options: T.RunOptions = T.RunOptions(), *,
+                   on_batch: Optional[BatchHook] = None) -> List[T.RunOutcome]:
+    """Train the runs ``configs`` (in ``run_dirs``) as one batched ensemble; one
+    :class:`.train.RunOutcome` per run, in order.
+
+    Each run behaves as under :func:`.train.train`: a finished run is not redone (``skipped``),
+    one with a checkpoint continues exactly from it (members that stopped at different points
+    train as separate ensembles), a folder of another config is a :class:`.train.RunConflict`.
+    The configs must agree in everything but :data:`PER_MEMBER_FIELDS`. Ctrl-C stops after the
+    current batch, saves every unfinished member's checkpoint and re-raises
+    :class:`KeyboardInterrupt`. ``on_batch(epoch, batch, losses)`` is called after every
+    optimizer step with the 0-based epoch and batch and ``{run_dir: loss}`` of the members in
+    the batch (for tests and tools).
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    _check_members(configs, run_dirs)
+    device = resolve_device(options.device)
+    datasets: Dict[Any, Tuple[Any, Any, Any]] = {}
+    outcomes: Dict[int, T.RunOutcome] = {}
+    groups: Dict[Tuple[int, int], List[Tuple[int, _Member, torch.nn.Module]]] = {}
+    for i, (config, run_dir) in enumerate(zip(configs, run_dirs)):
+        member, model, outcome = _prepare(config, run_dir, options, device, datasets)
+        if outcome is not None:
+            outcomes[i] = outcome
+        else:
+            groups.setdefault(member.where, []).append((i, member, model))
+    for where in sorted(groups):
+        group = groups[where]
+        index = {id(m): i for i, m, _ in group}
+        ensemble = _Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
+                             device, datasets)
+        results = _run(ensemble, on_batch)
+        for m, result in results:
+            outcomes[index[id(m)]] = T.RunOutcome(m.run_dir, result, resumed_from=m.resumed_from,
+                                                  metrics=m.metrics)
+    return [outcomes[i] for i in range(len(configs))]
+
+
+def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, Dict[str, Any]]]:
+    """Train the members of ``ens`` to their ends; returns (member, result) as each finished."""
+    finished: List[Tuple[_Member, Dict[str, Any]]] = []
+    n_batches = ens.n_batches
+
+    def leave(indices: List[int]) -> None:
+        for i in indices:
+            finished.append((ens.members[i], ens.finish(i)))
+        if indices:
+            ens.drop(indices)
+
+    leave([i for i, m in enumerate(ens.members)
+           if m.status != "completed" or m.epoch >= m.config.epochs])
+    interrupt = GracefulInterrupt("interrupt: saving the ensemble's checkpoints after this batch "
+                                  "(Ctrl-C again to abort)")
+    t0 = time.perf_counter()
+
+    def account(dt: float) -> None:  # the wall time of the batch, shared out among the members
+        share = dt / max(len(ens.members), 1)
+        for m in ens.members:
+            m.epoch_time += share
+            m.elapsed += share
+
+    with interrupt:
+        try:
+            while ens.members:
+                t0 = time.perf_counter()
+                epoch, position = ens.members[0].where
+                orders = {}
+                for m in ens.members:
+                    key = (_data_key(m.config), m.epoch)
+                    if key not in orders:
+                        gen = T._generator(m.config.seed, f"shuffle/{m.epoch}")
+                        orders[key] = torch.randperm(ens.n_train, generator=gen)
+                losses, norms = ens.step(orders)
+                diverged = []
+                for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
+                    if not math.isfinite(value):
+                        m.status = "diverged"
+                        m.message = (f"training loss became {value} at epoch {m.epoch + 1}, batch "
+                                     f"{m.position + 1}; the run stopped (lr {m.config.lr:g} too high?)")
+                        logger.warning("%s: %s", m.run_dir, m.message)
+                        diverged.append(i)
+                        continue
+                    m.overflow_streak = m.overflow_streak + 1 if not math.isfinite(norm) else 0
+                    if m.overflow_streak >= n_batches:
+                        m.status = "diverged"
+                        m.message = (f"the gradient norm overflowed in {m.overflow_streak} batches "
+                                     f"in a row, up to epoch {m.epoch + 1}, batch {m.position + 1} "
+                                     f"(training loss {value:.3g}): the activity exploded and "
+                                     f"clipping zeroes every update, so the run can no longer "
+                                     f"change (lr {m.config.lr:g} or the init gain too high?)")
+                        logger.warning("%s: %s", m.run_dir, m.message)
+                        diverged.append(i)
+                        continue
+                    m.loss_sum += value * _batch_len(ens, m.position)
+                    m.loss_count += _batch_len(ens, m.position)
+                    m.position += 1
+                ens.update(diverged)
+                if on_batch is not None:
+                    on_batch(epoch, position, {str(m.run_dir): v for m, v in zip(ens.members, losses)})
+                dt = time.perf_counter() - t0
+                account(dt)
+                t0 = time.perf_counter()
+                leave(diverged)
+                if not ens.members:
+                    break
+                if ens.members[0].position >= n_batches:
+                    t0 = time.perf_counter()
+                    vals = ens.evaluate()
+                    account(time.perf_counter() - t0)
+                    leaving = []
+                    for i, (m, val) in enumerate(zip(ens.members, vals)):
+                        row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
+                               "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
+                        if "acc" in val:
+                            row["val_acc"] = val["acc"]
+                        m.metrics.append(row)
+                        logger.info("%s epoch %d/%d: train %.5f, val %.5f", m.run_dir.name,
+                                    m.epoch + 1, m.config.epochs, row["train_loss"], row["val_loss"])
+                        m.epoch, m.position = m.epoch + 1, 0
+                        m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
+                        if not math.isfinite(val["loss"]):
+                            m.status = "diverged"
+                            m.message = f"validation loss became {val['loss']} at epoch {m.epoch}"
+                        elif val["loss"] < m.config.stop_loss:
+                            m.status = "converged"
+                        if m.status != "completed" or m.epoch >= m.config.epochs:
+                            leaving.append(i)
+                        else:
+                            ens.save_progress(i)
+                    leave(leaving)
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            account(time.perf_counter() - t0)
+            for i in range(len(ens.members)):
+                ens.save_progress(i)
+            logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
+                           len(ens.members))
+            raise
+    return finished
+
+
+def _batch_len(ens: _Ensemble, position: int) -> int:
+    return min(ens.batch_size, ens.n_train - position * ens.batch_size)
