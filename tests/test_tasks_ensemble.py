@@ -192,3 +192,94 @@ def test_cuda_ensemble_matches_cpu(tmp_path):
     for a, b in zip(cpu, gpu):
         assert [r["val_loss"] for r in a.metrics] == pytest.approx(
             [r["val_loss"] for r in b.metrics], rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# in the sweep
+
+SWEEP_FLAGS = ["sweep", "--task", "copy", "--T", "22", "--n-train", "64", "--n-val", "16",
+               "--models", "chain", "--values", "chain=1.0", "--lr", "1e-3,2e-3", "--seeds", "1,2",
+               "--no-progress"]
+
+
+def test_killed_ensemble_sweep_restarts_without_redoing_finished_runs(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from awd_nonnormal.tasks import __main__ as cli
+
+    out = tmp_path / "sweep"
+    argv = SWEEP_FLAGS + ["--epochs", "40", "--ensemble", "2", "--out", str(out)]
+    dirs = [out / "chain" / f"alpha1-lr{lr}-seed{s}" for s in (1, 2) for lr in ("0.001", "0.002")]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "awd_nonnormal.tasks", *argv], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it (no chance to save) once the first ensemble has finished and the second runs
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if all(T.is_finished(d) for d in dirs[:2]) and all(
+                    (d / T.CHECKPOINT_FILE).exists() for d in dirs[2:]):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert all(T.is_finished(d) for d in dirs[:2])
+    assert not any(T.is_finished(d) for d in dirs[2:]), "the sweep ended before it was killed"
+    stamps = {d: (d / T.RESULT_FILE).stat().st_mtime_ns for d in dirs[:2]}
+    cut = {d: len(T.read_metrics(d)) for d in dirs[2:]}
+
+    ran = []
+    plan_runs = []
+    orig = E.train_ensemble
+
+    def spy(configs, run_dirs, options, **kw):
+        plan_runs.append(list(map(str, run_dirs)))
+        outcomes = orig(configs, run_dirs, options, **kw)
+        ran.extend(o.run_dir for o in outcomes if not o.skipped)
+        return outcomes
+
+    E.train_ensemble = spy
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        E.train_ensemble = orig
+    assert plan_runs == [[str(d) for d in dirs[2:]]]  # only the unfinished runs were handed out
+    for d, stamp in stamps.items():
+        assert (d / T.RESULT_FILE).stat().st_mtime_ns == stamp
+    for d in dirs[2:]:
+        assert T.is_finished(d)
+        epochs = [r["epoch"] for r in T.read_metrics(d)]
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= cut[d]
+    # the resumed runs are the runs made in one go (over 40 epochs the rounding differences
+    # between a batched and a single run grow beyond float tolerance at lr 2e-3, so the
+    # reference is the same ensemble, uninterrupted)
+    stored = [T.config_from_dict(T.stored_config(d)) for d in dirs[2:]]
+    whole = E.train_ensemble(stored, [tmp_path / "whole" / str(i) for i in range(2)], OPTS)
+    for d, o in zip(dirs[2:], whole):
+        assert [r["val_loss"] for r in T.read_metrics(d)] == pytest.approx(
+            [r["val_loss"] for r in o.metrics], rel=1e-6)
+
+
+def test_sweep_ensemble_flag(tmp_path, capsys):
+    from awd_nonnormal.tasks import __main__ as cli
+    from awd_nonnormal.tasks import sweep as S
+
+    for bad in ("0", "two"):
+        assert cli.main(SWEEP_FLAGS + ["--epochs", "1", "--ensemble", bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--ensemble must be a positive integer or 'auto'" in err and len(err.splitlines()) == 1
+    # auto on a CPU is the worker pool (no ensemble); every run finishes as in a plain sweep
+    grid = S.grid_from_args(models="chain", lrs="1e-3", seeds="1,2", values=["chain=1.0"])
+    plan = S.plan_sweep(grid, dict(task="copy", T=22, n_train=32, n_val=16, epochs=1), tmp_path)
+    stats = S.run_sweep(plan, T.RunOptions(device="cpu"), progress=False, ensemble="auto")
+    assert stats["ensemble"] == 1 and not stats["errors"]
+    assert all(T.is_finished(r.run_dir) for r in plan.runs)
+    assert E.auto_members("cpu", plan.runs[0].config, 100) == 1

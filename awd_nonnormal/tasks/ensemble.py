@@ -47,7 +47,7 @@ from . import train as T
 logger = logging.getLogger(__name__)
 
 __all__ = ["EnsembleModel", "ensemble_rnn", "train_ensemble", "PER_MEMBER_FIELDS",
-           "ensemble_key"]
+           "ensemble_key", "auto_members", "check_members_count", "member_bytes"]
 
 #: Config fields in which the members of one ensemble may differ. All other fields (task, length,
 #: width, data sizes, batch size) must agree: they fix the shapes the members share.
@@ -63,6 +63,54 @@ def ensemble_key(config: T.TaskConfig) -> Tuple[Tuple[str, Any], ...]:
     """The shared settings of ``config``: runs with equal keys can train in one ensemble."""
     return tuple(sorted((k, repr(v)) for k, v in config.to_dict().items()
                         if k not in PER_MEMBER_FIELDS))
+
+
+def check_members_count(value: Union[int, str]) -> int:
+    """``--ensemble`` as a member count (1: no ensemble); a clear :class:`.train.TaskError` else."""
+    try:
+        members = int(value)
+    except (TypeError, ValueError):
+        raise T.TaskError(f"--ensemble must be a positive integer or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or members < 1:
+        raise T.TaskError(f"--ensemble must be a positive integer or 'auto', got {value!r}")
+    return members
+
+
+def member_bytes(config: T.TaskConfig) -> int:
+    """Memory one member needs while training, estimated from the shapes: the states, their
+    derivatives and incoming gradients (3 x (T, B, N)), the input, and the read-out with its
+    log-softmax and gradients (4 x (T, B, C) every step, or (B, C) for the last), in float32."""
+    task = T.get_task(config.task)
+    steps, batch = task.seq_len(config), config.batch_size
+    readout_rows = steps * batch if task.readout == "all" else batch
+    floats = steps * batch * (3 * config.hidden + task.input_size) + 4 * readout_rows * task.output_size
+    return 4 * floats
+
+
+#: Fraction of the free device memory that ``auto`` plans to fill (the rest: fragmentation,
+#: evaluation batches, the data sets).
+_AUTO_MEMORY_FRACTION = 0.5
+
+
+def auto_members(device: str, config: T.TaskConfig, pending: int, workers: int = 1) -> int:
+    """The ensemble size of ``--ensemble auto`` for runs like ``config`` on ``device``.
+
+    On CUDA: as many members as fill half of the free memory (shared among ``workers``
+    processes), at most ``pending``. On CPU: 1, i.e. the worker pool: there an ensemble measured
+    no faster per run than one run per worker process (see the performance notes of the docs),
+    so the pool, which needs no more memory per run, is the better use of the cores.
+    """
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        logger.info("--ensemble auto on %s: worker processes, no ensemble (not faster per run on "
+                    "CPU)", dev)
+        return 1
+    free, _ = torch.cuda.mem_get_info(dev)
+    members = int(_AUTO_MEMORY_FRACTION * free / max(workers, 1) // member_bytes(config))
+    members = max(1, min(members, pending))
+    logger.info("--ensemble auto on %s: %d members per ensemble (%.1f GiB free)", dev, members,
+                free / 2 ** 30)
+    return members
 
 
 # --------------------------------------------------------------------------------------------
