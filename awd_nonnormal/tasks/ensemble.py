@@ -145,12 +145,21 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             h = h.view(M, T_, B, N)
             activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
             w_hh_t = w_hh.transpose(1, 2).contiguous()  # (M, N, N)
+            # Each step is computed in a contiguous (M, B, N) block and then stored: an in-place
+            # baddbmm_ on the strided slice falls back to one matmul per member (measured slower).
             steps = h.unbind(1)  # each (M, B, N), a strided view into the buffer
+            blocks = (h.new_empty(M, B, N), h.new_empty(M, B, N))
+            prev = None
             for t, h_t in enumerate(steps):
-                if t > 0:
-                    h_t.baddbmm_(steps[t - 1], w_hh_t)  # z_t = u_t + h_{t-1} W_hh^T
+                z = blocks[t % 2]
+                if t == 0:
+                    z.copy_(h_t)  # z_0 = u_0 (h_0 = 0)
+                else:
+                    torch.baddbmm(h_t, prev, w_hh_t, out=z)  # z_t = u_t + h_{t-1} W_hh^T
                 if activate_ is not None:
-                    activate_(h_t)  # h_t = f(z_t)
+                    activate_(z)  # h_t = f(z_t)
+                h_t.copy_(z)
+                prev = z
         ctx.save_for_backward(x, w_hh, h)
         ctx.nonlinearity = nonlinearity
         ctx.has_bias = b is not None
@@ -169,17 +178,21 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             linear = delta is None
             if linear:
                 delta = torch.empty_like(h)
-            g = h.new_empty(M, B, N)
+            # As forward: each step in a contiguous block (the next step's input), then stored.
             deltas = delta.unbind(1)
             grads = grad_h.unbind(1)
+            blocks = (h.new_empty(M, B, N), h.new_empty(M, B, N))
+            nxt = None
             for t in range(T_ - 1, -1, -1):
-                out = deltas[t] if linear else g
+                g = blocks[t % 2]
                 if t == T_ - 1:
-                    out.copy_(grads[t])
+                    g.copy_(grads[t])
                 else:
-                    torch.baddbmm(grads[t], deltas[t + 1], w_hh, out=out)  # + delta_{t+1} W_hh
+                    torch.baddbmm(grads[t], nxt, w_hh, out=g)  # g_t = grad_h[t] + delta_{t+1} W_hh
                 if not linear:
-                    deltas[t].mul_(g)
+                    g.mul_(deltas[t])  # delta_t = g_t * f'(z_t)
+                deltas[t].copy_(g)
+                nxt = g
             need_x, need_wih, need_whh, need_b, _ = ctx.needs_input_grad
             grad_x = grad_wih = grad_whh = grad_b = None
             if need_x:
