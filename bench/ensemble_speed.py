@@ -2,6 +2,7 @@
 
     python bench/ensemble_speed.py [--device auto|cpu|cuda] [--members 1,8,32,64,128]
                                    [--shapes copy,psmnist] [--batches 6] [--threads 1]
+                                   [--hidden N]
 
 For each task shape (copy: T = 500, N = 100; psMNIST: 784 steps, N = 25; batch 16, the paper's
 settings) it times training batches (forward, backward, clipping, RMSprop) of
@@ -17,7 +18,8 @@ training only), and ``x run``: the speed-up per run over the single-run trainer 
 ensemble is faster per run). With ``--threads 1`` the figure is per core: a pool of W worker
 processes on W cores runs W single runs at once, and W ensembles as well, so ``x run`` is also
 the speed-up of ensembles over that pool. psMNIST uses random images of MNIST's shape (the
-arithmetic does not depend on the pixel values).
+arithmetic does not depend on the pixel values). ``--hidden N`` replaces the tasks' widths (100
+and 25) to see where the gain starts.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def _datasets(config, device):
     return T._to_device(train_set, device), T._to_device(val_set, device), facts
 
 
+HIDDEN = {}
+
+
 def _configs(shape: str, m: int):
-    kw = dict(task=shape, n_train=16 * 8, n_val=16, init="chain")
+    kw = dict(task=shape, n_train=16 * 8, n_val=16, init="chain", **HIDDEN)
     if shape == "psmnist":
         kw["perm_seed"] = 0
     return [T.make_config(**kw, lr=1e-5 * (1 + k % 11), seed=1 + k % 6, init_scale=0.99 + 0.01 * (k % 7))
@@ -116,7 +121,10 @@ def main() -> int:
     p.add_argument("--shapes", default="copy,psmnist")
     p.add_argument("--batches", type=int, default=6, help="timed batches of each candidate")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--hidden", type=int, help="width N instead of the task's (100, 25)")
     args = p.parse_args()
+    if args.hidden:
+        HIDDEN["hidden"] = args.hidden
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -276,10 +276,13 @@ def test_sweep_ensemble_flag(tmp_path, capsys):
         assert cli.main(SWEEP_FLAGS + ["--epochs", "1", "--ensemble", bad, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert "--ensemble must be a positive integer or 'auto'" in err and len(err.splitlines()) == 1
-    # auto on a CPU is the worker pool (no ensemble); every run finishes as in a plain sweep
+    # auto on a CPU: the worker pool (no ensemble) for N = 100, where ensembles are not faster;
+    # every run finishes as in a plain sweep
     grid = S.grid_from_args(models="chain", lrs="1e-3", seeds="1,2", values=["chain=1.0"])
     plan = S.plan_sweep(grid, dict(task="copy", T=22, n_train=32, n_val=16, epochs=1), tmp_path)
     stats = S.run_sweep(plan, T.RunOptions(device="cpu"), progress=False, ensemble="auto")
     assert stats["ensemble"] == 1 and not stats["errors"]
     assert all(T.is_finished(r.run_dir) for r in plan.runs)
     assert E.auto_members("cpu", plan.runs[0].config, 100) == 1
+    narrow = T.make_config(task="copy", T=22, hidden=25)
+    assert E.auto_members("cpu", narrow, 100) == 16 and E.auto_members("cpu", narrow, 3) == 3
