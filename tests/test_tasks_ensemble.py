@@ -82,6 +82,24 @@ def test_both_clip_modes_matter_and_reach_their_member(tmp_path):
     _assert_same_run(outcomes[0], singles[1], tmp_path / "e1", tmp_path / "s1")
 
 
+def test_psmnist_members_with_their_own_permutations(tmp_path):
+    from test_tasks_train import _write_mnist
+
+    _write_mnist(tmp_path / "mnist")
+    opts = T.RunOptions(progress=False, eval_batch_size=64, mnist_dir=str(tmp_path / "mnist"))
+    base = dict(task="psmnist", n_train=20, n_val=8, epochs=2, init="chain", clip=1.0)
+    configs = [T.make_config(**base, seed=7, lr=1e-3, perm_seed="run"),
+               T.make_config(**base, seed=8, lr=2e-3, perm_seed="run", clip_mode="global"),
+               T.make_config(**base, seed=7, lr=5e-4)]  # the fixed permutation
+    outs = E.train_ensemble(configs, [tmp_path / f"e{i}" for i in range(3)], opts)
+    for i, c in enumerate(configs):
+        alone = T.train(c, tmp_path / f"s{i}", opts)
+        _assert_same_run(outs[i], alone, tmp_path / f"e{i}", tmp_path / f"s{i}")
+        assert outs[i].metrics[-1]["val_acc"] == alone.metrics[-1]["val_acc"]
+        assert torch.equal(_ckpt(tmp_path / f"e{i}")["permutation"], _ckpt(tmp_path / f"s{i}")["permutation"])
+        assert T.stored_config(tmp_path / f"e{i}") == T.stored_config(tmp_path / f"s{i}")
+
+
 def test_ensemble_layer_matches_the_reference_loop():
     # The hand-written batched BPTT against plain autograd over each member on its own.
     gen = torch.Generator().manual_seed(0)
