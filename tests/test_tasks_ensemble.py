@@ -163,7 +163,7 @@ def test_early_stop_per_member(tmp_path):
                      tmp_path / "s-go")
 
 
-@pytest.mark.parametrize("stop_at", [(0, 1), (1, 0)])
+@pytest.mark.parametrize("stop_at", [(0, 1), (0, 2), (1, 0)])  # (0, 2): an epoch's last batch
 def test_interrupted_ensemble_resumes_exactly(tmp_path, stop_at):
     configs = [tiny(**m, epochs=3) for m in MEMBERS[:3]]
     full = E.train_ensemble(configs, [tmp_path / "full" / str(i) for i in range(3)], OPTS)

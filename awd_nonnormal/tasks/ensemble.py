@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -687,9 +686,8 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
            if m.status != "completed" or m.epoch >= m.config.epochs])
     interrupt = GracefulInterrupt("interrupt: saving the ensemble's checkpoints after this batch "
                                   "(Ctrl-C again to abort)")
-    t0 = time.perf_counter()
 
-    def account(dt: float) -> None:  # the wall time of the batch, shared out among the members
+    def account(dt: float) -> None:  # wall time (batch, evaluation) shared out among the members
         share = dt / max(len(ens.members), 1)
         for m in ens.members:
             m.epoch_time += share
@@ -698,45 +696,8 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
     with interrupt:
         try:
             while ens.members:
-                t0 = time.perf_counter()
-                epoch, position = ens.members[0].where
-                orders = {}
-                for m in ens.members:
-                    key = (_data_key(m.config), m.epoch)
-                    if key not in orders:
-                        gen = T._generator(m.config.seed, f"shuffle/{m.epoch}")
-                        orders[key] = torch.randperm(ens.n_train, generator=gen)
-                losses, norms = ens.step(orders)
-                diverged = []
-                for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
-                    if not math.isfinite(value):
-                        m.status = "diverged"
-                        m.message = (f"training loss became {value} at epoch {m.epoch + 1}, batch "
-                                     f"{m.position + 1}; the run stopped (lr {m.config.lr:g} too high?)")
-                        logger.warning("%s: %s", m.run_dir, m.message)
-                        diverged.append(i)
-                        continue
-                    m.overflow_streak = m.overflow_streak + 1 if not math.isfinite(norm) else 0
-                    if m.overflow_streak >= n_batches:
-                        m.status = "diverged"
-                        m.message = (f"the gradient norm overflowed in {m.overflow_streak} batches "
-                                     f"in a row, up to epoch {m.epoch + 1}, batch {m.position + 1} "
-                                     f"(training loss {value:.3g}): the activity exploded and "
-                                     f"clipping zeroes every update, so the run can no longer "
-                                     f"change (lr {m.config.lr:g} or the init gain too high?)")
-                        logger.warning("%s: %s", m.run_dir, m.message)
-                        diverged.append(i)
-                        continue
-                    m.loss_sum += value * _batch_len(ens, m.position)
-                    m.loss_count += _batch_len(ens, m.position)
-                    m.position += 1
-                ens.update(diverged)
-                if on_batch is not None:
-                    on_batch(epoch, position, {str(m.run_dir): v for m, v in zip(ens.members, losses)})
-                dt = time.perf_counter() - t0
-                account(dt)
-                t0 = time.perf_counter()
-                leave(diverged)
+                if ens.members[0].position < n_batches:  # (a run saved at an epoch's end: evaluate)
+                    _train_batch(ens, on_batch, account, leave)
                 if not ens.members:
                     break
                 if ens.members[0].position >= n_batches:
@@ -767,13 +728,57 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
                 if interrupt.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            account(time.perf_counter() - t0)
             for i in range(len(ens.members)):
                 ens.save_progress(i)
             logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
                            len(ens.members))
             raise
     return finished
+
+
+def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
+                 leave: Callable[[List[int]], None]) -> None:
+    """One optimizer step of every member, with the single-run trainer's divergence rules;
+    members that diverge are written out and leave before ``on_batch`` is called."""
+    n_batches = ens.n_batches
+    t0 = time.perf_counter()
+    epoch, position = ens.members[0].where
+    orders = {}
+    for m in ens.members:
+        key = (_data_key(m.config), m.epoch)
+        if key not in orders:
+            gen = T._generator(m.config.seed, f"shuffle/{m.epoch}")
+            orders[key] = torch.randperm(ens.n_train, generator=gen)
+    losses, norms = ens.step(orders)
+    diverged = []
+    for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
+        if not math.isfinite(value):
+            m.status = "diverged"
+            m.message = (f"training loss became {value} at epoch {m.epoch + 1}, batch "
+                         f"{m.position + 1}; the run stopped (lr {m.config.lr:g} too high?)")
+            logger.warning("%s: %s", m.run_dir, m.message)
+            diverged.append(i)
+            continue
+        m.overflow_streak = m.overflow_streak + 1 if not math.isfinite(norm) else 0
+        if m.overflow_streak >= n_batches:
+            m.status = "diverged"
+            m.message = (f"the gradient norm overflowed in {m.overflow_streak} batches "
+                         f"in a row, up to epoch {m.epoch + 1}, batch {m.position + 1} "
+                         f"(training loss {value:.3g}): the activity exploded and "
+                         f"clipping zeroes every update, so the run can no longer "
+                         f"change (lr {m.config.lr:g} or the init gain too high?)")
+            logger.warning("%s: %s", m.run_dir, m.message)
+            diverged.append(i)
+            continue
+        m.loss_sum += value * _batch_len(ens, m.position)
+        m.loss_count += _batch_len(ens, m.position)
+        m.position += 1
+    ens.update(diverged)
+    reported = {str(m.run_dir): v for m, v in zip(ens.members, losses)}
+    account(time.perf_counter() - t0)
+    leave(diverged)
+    if on_batch is not None:
+        on_batch(epoch, position, reported)
 
 
 def _batch_len(ens: _Ensemble, position: int) -> int:
