@@ -38,7 +38,10 @@ def _assert_same_run(a, b, run_a, run_b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
     ca, cb = _ckpt(run_a), _ckpt(run_b)
+    assert set(ca) == set(cb)  # the same checkpoint entries (analyze.py, --resume read them)
     assert ca["config"] == cb["config"] and ca["arch"] == cb["arch"]
+    assert ca["derived"] == cb["derived"] and ca.get("result", {}).get("status") == \
+        cb.get("result", {}).get("status")
     assert set(ca["model"]) == set(cb["model"])
     for k in cb["model"]:
         torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-5)
@@ -147,6 +150,23 @@ def test_nan_in_one_member_leaves_the_others_alone(tmp_path):
     assert {k: v for k, v in single.result.items() if k != "time"} == \
         {k: v for k, v in outs[2].result.items() if k != "time"}
     _assert_same_run(outs[2], single, tmp_path / "x", tmp_path / "single-bad")
+
+
+def test_overflowing_member_follows_the_single_run_rule(tmp_path):
+    # chain(7) over 30 steps: a finite loss whose gradient's squared norm overflows float32, so
+    # clipping zeroes its updates until a whole epoch of them ends it as diverged (the rule of
+    # the single-run trainer); its neighbour trains on untouched.
+    over = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=3, lr=1e-3,
+                         init="chain", init_scale=7.0, seed=2)
+    fine = T.make_config(task="copy", T=30, n_train=48, n_val=32, epochs=3, lr=1e-3,
+                         init="chain", init_scale=1.0, seed=2)
+    outs = E.train_ensemble([over, fine], [tmp_path / "over", tmp_path / "fine"], OPTS)
+    for i, c in enumerate((over, fine)):
+        alone = T.train(c, tmp_path / f"alone{i}", OPTS)
+        _assert_same_run(outs[i], alone, tmp_path / ("over", "fine")[i], tmp_path / f"alone{i}")
+        assert outs[i].result.get("message") == alone.result.get("message")
+    assert outs[0].result["status"] == "diverged" and "overflowed in 3 batches" in outs[0].result["message"]
+    assert outs[1].result["status"] == "completed"
 
 
 def test_early_stop_per_member(tmp_path):
