@@ -2,8 +2,8 @@
 
 A sweep of the synthetic tasks (Figure 3 of Orhan & Pitkow 2020) is thousands of runs of one
 small model (one vanilla RNN layer of N = 100 or 25 units, batch 16). Alone, such a run leaves a
-CPU's vector units and a GPU mostly idle: its 500 steps are a chain of tiny kernels, each paying
-Python and dispatch overhead. :func:`train_ensemble` trains M runs at once: every parameter gets a
+GPU mostly idle, and a CPU busy with per-operation overhead where the layer is narrow: its 500
+steps are a chain of tiny kernels. :func:`train_ensemble` trains M runs at once: every parameter gets a
 leading member axis (``weight_hh`` becomes (M, N, N)), the recurrence is one batched matmul
 (``baddbmm``) per step for all members, and the backpropagation through time is written by hand
 as in :mod:`awd_nonnormal.rnn`, over the member axis.
@@ -298,6 +298,7 @@ def _member_view(t: Tensor, like: Tensor) -> Tensor:
 
 @dataclass
 class _Member:
+    """One run's bookkeeping: what :func:`.train.train` keeps in its locals and checkpoints."""
     config: T.TaskConfig
     run_dir: Path
     derived: Dict[str, Any]
