@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     sw.add_argument("--ensemble", default="1", metavar="M|auto",
                     help="train M runs at once as one batched model (per worker); auto: as many "
-                         "as the GPU's memory holds, and no ensemble on CPU (default 1: none)")
+                         "as the GPU's memory holds; on CPU 16 for N <= 50, else none "
+                         "(default 1: none)")
     sw.add_argument("--rank-by", choices=S.RANK_BY, default="final",
                     help="best config by the seeds' mean final (default) or minimum validation loss")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")

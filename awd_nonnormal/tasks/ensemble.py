@@ -37,11 +37,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import init as initmod
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
 from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
-from ..utils import GracefulInterrupt, resolve_device
+from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, Diverged,
+                    GracefulInterrupt, MetricsLog, NonFiniteGuard, differences, write_json)
+from ..utils import resolve_device
 from . import train as T
+from .config import config_from_dict
+from .data import generator as _generator
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ __all__ = ["EnsembleModel", "ensemble_rnn", "train_ensemble", "PER_MEMBER_FIELDS
 #: Config fields in which the members of one ensemble may differ. All other fields (task, length,
 #: width, data sizes, batch size) must agree: they fix the shapes the members share.
 PER_MEMBER_FIELDS = frozenset({
-    "init", "init_scale", "init_alpha", "init_beta", "init_eps", "init_plugins", "lr", "seed",
-    "epochs", "rho", "opt_eps", "clip", "clip_mode", "stop_loss", "perm_seed", "loss",
+    "init", "lr", "seed", "epochs", "rho", "opt_eps", "clip", "clip_mode", "stop_loss",
+    "perm_seed", "loss",
 })
 
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)
@@ -309,7 +312,7 @@ class _Member:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_count: int = 0
-    overflow_streak: int = 0
+    guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(max_skipped=1))
     epoch_time: float = 0.0
     elapsed: float = 0.0
     steps: int = 0
@@ -317,6 +320,7 @@ class _Member:
     status: str = "completed"
     message: str = ""
     resumed_from: Optional[Tuple[int, int]] = None
+    metrics_log: Optional[MetricsLog] = None
 
     @property
     def where(self) -> Tuple[int, int]:
@@ -409,7 +413,8 @@ class _Ensemble:
     def _clip(self) -> Tensor:
         """Clip each member's gradients as ``train._clip`` does for one run: the norm over the
         member's own tensors (``global``) or of each tensor (``tensor``); torch's coefficient
-        ``clip / (norm + 1e-6)``, capped at 1. Returns each member's largest norm (M,)."""
+        ``clip / (norm + 1e-6)``, capped at 1; ``none`` leaves them. Returns each member's norm
+        (M,): the largest tensor norm with ``tensor``, the norm of all its tensors otherwise."""
         grads = [self.model.params[n].grad for n in self.model.trainable]
         norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (K, M)
         total = torch.linalg.vector_norm(norms, dim=0)  # (M,)
@@ -419,9 +424,7 @@ class _Ensemble:
             tensor_coef = (self.clip / (n_k + _CLIP_EPS)).clamp(max=1.0)
             coef = torch.where(self.clip_tensor, tensor_coef, global_coef)
             g.mul_(_member_view(coef, g))
-        zero = torch.zeros_like(total)
-        return torch.where(self.clip_tensor, norms.max(dim=0).values,
-                           torch.where(self.clip_global, total, zero))
+        return torch.where(self.clip_tensor, norms.max(dim=0).values, total)
 
     def update(self, skip: Sequence[int] = ()) -> None:
         """``torch.optim.RMSprop`` (no momentum, not centred) with per-member lr, rho and eps:
@@ -519,18 +522,14 @@ class _Ensemble:
                        best_val=min((r["val_loss"] for r in m.metrics), default=None),
                        rng=rng_state(), metrics=m.metrics, initial_rnn=m.initial_rnn,
                        train_loss_sum=m.loss_sum, train_count=m.loss_count,
-                       overflow_streak=m.overflow_streak, epoch_time=m.epoch_time,
+                       non_finite=m.guard.state(), epoch_time=m.epoch_time,
                        elapsed=m.elapsed,
                        derived={k: v for k, v in m.derived.items() if k != "permutation"},
                        **m.extra_state)
         if result is not None:
             payload["result"] = result
-        save_checkpoint(m.run_dir / T.CHECKPOINT_FILE, kind="task", arch=self.arch,
+        save_checkpoint(m.run_dir / CHECKPOINT_FILE, kind="task", arch=self.arch,
                         config=m.config.to_dict(), model=self.model.member_state(i), **payload)
-
-    def save_progress(self, i: int) -> None:
-        self.save(i)
-        T._write_jsonl(self.members[i].run_dir / T.METRICS_FILE, self.members[i].metrics)
 
     def finish(self, i: int) -> Dict[str, Any]:
         """Write member ``i``'s result, as :func:`.train.train` does at the end of a run."""
@@ -554,8 +553,7 @@ class _Ensemble:
         if m.message:
             result["message"] = m.message
         self.save(i, result)
-        T._write_jsonl(m.run_dir / T.METRICS_FILE, m.metrics)
-        T._write_json(m.run_dir / T.RESULT_FILE, result)
+        write_json(m.run_dir / RESULT_FILE, result)
         return result
 
 
@@ -564,19 +562,19 @@ class _Ensemble:
 # --------------------------------------------------------------------------------------------
 
 def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device: torch.device,
-             datasets: Dict[Any, Tuple[Any, Any]]) -> Tuple[Optional[_Member], Optional[torch.nn.Module],
-                                                          Optional[T.RunOutcome]]:
-    """A member ready to train (with its model), or the outcome of a run that had finished."""
+             datasets: Dict[Any, Tuple[Any, Any, Any]]) -> Tuple[Optional[_Member], Optional[torch.nn.Module],
+                                                               Optional[T.RunOutcome]]:
+    """A member ready to train (with its model), or the outcome of a run that had finished; as
+    :meth:`.train.Trainer.start` does for one run."""
     task = T.get_task(config.task)
     T.check_run_dir(run_dir, config)
     done = T.read_result(run_dir)
     if done is not None:
         logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
         return None, None, T.RunOutcome(run_dir, done, skipped=True, metrics=T.read_metrics(run_dir))
-    for plugin in config.init_plugins:
-        initmod.load_plugin(plugin)
+    config.init.load_plugins()
     key = _data_key(config)
-    if key not in datasets:
+    if key not in datasets:  # members with one seed (and permutation) share their data sets
         train_set, val_set, facts = task.datasets(config, options)
         datasets[key] = (T._to_device(train_set, device), T._to_device(val_set, device), facts)
     facts = datasets[key][2]
@@ -588,11 +586,14 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
     if "permutation" in facts:
         extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
     model = T.build_model(config)
-    ckpt_path = run_dir / T.CHECKPOINT_FILE
+    n_batches = math.ceil(config.n_train / config.batch_size)
+    ckpt_path = run_dir / CHECKPOINT_FILE
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, kind="task")
-        if {**ckpt["config"], "epochs": config.epochs} != config.to_dict():
-            diff = "; ".join(T._differences(ckpt["config"], config.to_dict()))
+        # the epoch limit may have been raised since (extend_run); everything else must agree
+        stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
+        if stored != config.to_dict():
+            diff = "; ".join(differences(T._flat(stored), T._flat(config.to_dict())))
             raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
         model.load_state_dict(ckpt["model"])
         names = [n for n, _ in model.named_parameters()]
@@ -603,17 +604,22 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
                          epoch=int(ckpt["epoch"]), position=int(ckpt["batch"]),
                          metrics=list(ckpt["metrics"]), loss_sum=float(ckpt["train_loss_sum"]),
                          loss_count=int(ckpt["train_count"]),
-                         overflow_streak=int(ckpt.get("overflow_streak", 0)),
                          epoch_time=float(ckpt["epoch_time"]), elapsed=float(ckpt["elapsed"]),
                          steps=steps, square_avg=square_avg)
+        member.guard = NonFiniteGuard(max_skipped=n_batches)
+        # schema 1 kept only the streak of overflowing batches
+        member.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
         member.resumed_from = member.where
         logger.info("%s: resuming at epoch %d, batch %d", run_dir, member.epoch + 1, member.position)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        T._write_json(run_dir / T.CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
-                                                "arch": T.arch_of(config)})
+        write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
+                                           "arch": T.arch_of(config)})
         initial_rnn = {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
         member = _Member(config, run_dir, derived, extra_state, initial_rnn)
+        member.guard = NonFiniteGuard(max_skipped=n_batches)
+    member.metrics_log = MetricsLog(run_dir / METRICS_FILE)
+    member.metrics_log.reset(member.metrics)
     if member.metrics and member.metrics[-1]["val_loss"] < config.stop_loss:
         member.status = "converged"
     return member, model, None
@@ -673,7 +679,8 @@ def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str
 
 
 def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, Dict[str, Any]]]:
-    """Train the members of ``ens`` to their ends; returns (member, result) as each finished."""
+    """Train the members of ``ens`` to their ends (as :meth:`.train.Trainer.fit` does one run);
+    returns (member, result) as each finished."""
     finished: List[Tuple[_Member, Dict[str, Any]]] = []
     n_batches = ens.n_batches
 
@@ -683,98 +690,99 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
         if indices:
             ens.drop(indices)
 
-    leave([i for i, m in enumerate(ens.members)
-           if m.status != "completed" or m.epoch >= m.config.epochs])
-    interrupt = GracefulInterrupt("interrupt: saving the ensemble's checkpoints after this batch "
-                                  "(Ctrl-C again to abort)")
-
     def account(dt: float) -> None:  # wall time (batch, evaluation) shared out among the members
         share = dt / max(len(ens.members), 1)
         for m in ens.members:
             m.epoch_time += share
             m.elapsed += share
 
+    leave([i for i, m in enumerate(ens.members)
+           if m.status != "completed" or m.epoch >= m.config.epochs])
+    interrupt = GracefulInterrupt("interrupt: saving the ensemble's checkpoints after this batch "
+                                  "(Ctrl-C again to abort)")
     with interrupt:
         try:
             while ens.members:
                 if ens.members[0].position < n_batches:  # (a run saved at an epoch's end: evaluate)
                     _train_batch(ens, on_batch, account, leave)
-                if not ens.members:
-                    break
-                if ens.members[0].position >= n_batches:
+                if ens.members and ens.members[0].position >= n_batches:
                     t0 = time.perf_counter()
                     vals = ens.evaluate()
                     account(time.perf_counter() - t0)
-                    leaving = []
-                    for i, (m, val) in enumerate(zip(ens.members, vals)):
-                        row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
-                               "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
-                        if "acc" in val:
-                            row["val_acc"] = val["acc"]
-                        m.metrics.append(row)
-                        logger.info("%s epoch %d/%d: train %.5f, val %.5f", m.run_dir.name,
-                                    m.epoch + 1, m.config.epochs, row["train_loss"], row["val_loss"])
-                        m.epoch, m.position = m.epoch + 1, 0
-                        m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
-                        if not math.isfinite(val["loss"]):
-                            m.status = "diverged"
-                            m.message = f"validation loss became {val['loss']} at epoch {m.epoch}"
-                        elif val["loss"] < m.config.stop_loss:
-                            m.status = "converged"
-                        if m.status != "completed" or m.epoch >= m.config.epochs:
-                            leaving.append(i)
-                        else:
-                            ens.save_progress(i)
-                    leave(leaving)
+                    leave([i for i, (m, val) in enumerate(zip(ens.members, vals))
+                           if not _end_epoch(ens, i, m, val)])
                 if interrupt.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             for i in range(len(ens.members)):
-                ens.save_progress(i)
+                ens.save(i)
             logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
                            len(ens.members))
             raise
     return finished
 
 
+def _end_epoch(ens: _Ensemble, i: int, m: _Member, val: Dict[str, float]) -> bool:
+    """Record member ``i``'s epoch as :meth:`.train.Trainer.end_epoch`; whether it goes on."""
+    row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
+           "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
+    if "acc" in val:
+        row["val_acc"] = val["acc"]
+    m.metrics.append(row)
+    m.metrics_log.append(row)
+    logger.info("%s epoch %d/%d: train %.5f, val %.5f", m.run_dir.name, m.epoch + 1,
+                m.config.epochs, row["train_loss"], row["val_loss"])
+    m.epoch, m.position = m.epoch + 1, 0
+    m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
+    try:
+        m.guard.check_loss(val["loss"], "validation loss", f"epoch {m.epoch}")
+    except Diverged as exc:
+        m.status, m.message = "diverged", str(exc)
+        return False
+    if val["loss"] < m.config.stop_loss:
+        m.status = "converged"
+    if m.status == "completed" and m.epoch < m.config.epochs:
+        ens.save(i)
+        return True
+    return False
+
+
+def _diverge(m: _Member, exc: Diverged) -> None:
+    m.status = "diverged"
+    m.message = f"{exc}; the run stopped (lr {m.config.lr:g} or the init gain too high?)"
+    logger.warning("%s: %s", m.run_dir, m.message)
+
+
 def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
                  leave: Callable[[List[int]], None]) -> None:
-    """One optimizer step of every member, with the single-run trainer's divergence rules;
-    members that diverge are written out and leave before ``on_batch`` is called."""
-    n_batches = ens.n_batches
+    """One optimizer step of every member, with the single-run trainer's non-finite policy
+    (:class:`~awd_nonnormal.runs.NonFiniteGuard`): a non-finite loss ends the member, an
+    overflowing gradient norm skips its step. Members that diverge are written out and leave
+    before ``on_batch`` is called."""
     t0 = time.perf_counter()
     epoch, position = ens.members[0].where
     orders = {}
     for m in ens.members:
         key = (_data_key(m.config), m.epoch)
         if key not in orders:
-            gen = T._generator(m.config.seed, f"shuffle/{m.epoch}")
+            gen = _generator(m.config.seed, f"shuffle/{m.epoch}")
             orders[key] = torch.randperm(ens.n_train, generator=gen)
     losses, norms = ens.step(orders)
-    diverged = []
+    skip, diverged = [], []
     for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
-        if not math.isfinite(value):
-            m.status = "diverged"
-            m.message = (f"training loss became {value} at epoch {m.epoch + 1}, batch "
-                         f"{m.position + 1}; the run stopped (lr {m.config.lr:g} too high?)")
-            logger.warning("%s: %s", m.run_dir, m.message)
-            diverged.append(i)
-            continue
-        m.overflow_streak = m.overflow_streak + 1 if not math.isfinite(norm) else 0
-        if m.overflow_streak >= n_batches:
-            m.status = "diverged"
-            m.message = (f"the gradient norm overflowed in {m.overflow_streak} batches "
-                         f"in a row, up to epoch {m.epoch + 1}, batch {m.position + 1} "
-                         f"(training loss {value:.3g}): the activity exploded and "
-                         f"clipping zeroes every update, so the run can no longer "
-                         f"change (lr {m.config.lr:g} or the init gain too high?)")
-            logger.warning("%s: %s", m.run_dir, m.message)
+        where = f"epoch {m.epoch + 1}, batch {m.position + 1}"
+        try:
+            m.guard.check_loss(value, "training loss", where)
+            if not m.guard.allow_step(norm, where):
+                skip.append(i)
+        except Diverged as exc:
+            _diverge(m, exc)
             diverged.append(i)
             continue
         m.loss_sum += value * _batch_len(ens, m.position)
         m.loss_count += _batch_len(ens, m.position)
         m.position += 1
-    ens.update(diverged)
+    ens.update(skip + diverged)
     reported = {str(m.run_dir): v for m, v in zip(ens.members, losses)}
     account(time.perf_counter() - t0)
     leave(diverged)
