@@ -290,6 +290,13 @@ class EnsembleModel:
         return torch.baddbmm(bias, h.view(M, T_ * B, N), w_t).view(M, T_, B, -1)  # (M, T, B, C)
 
 
+def _trained(model: torch.nn.Module) -> Tuple[List[str], List[Tensor]]:
+    """Names and tensors of the parameters a single run hands its optimizer (the trainable ones,
+    in order: their positions are the keys of the optimizer's state)."""
+    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in pairs], [p for _, p in pairs]
+
+
 def _member_view(t: Tensor, like: Tensor) -> Tensor:
     """A per-member vector (M,) shaped to broadcast against ``like`` (M, ...)."""
     return t.view(-1, *([1] * (like.dim() - 1)))
@@ -328,6 +335,13 @@ class _Member:
 
 
 BatchHook = Callable[[int, int, Dict[str, float]], None]
+
+
+def _loss_kind(config: T.TaskConfig) -> Tuple[str, ...]:
+    """The extra argument of ``Task.loss`` for the config's loss kind (none where configs have no
+    loss setting)."""
+    kind = getattr(config, "loss", None)
+    return () if kind is None else (kind,)
 
 
 def _data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
@@ -390,7 +404,8 @@ class _Ensemble:
     def _losses(self, out: Tensor, ys: List[Tensor]) -> Tensor:
         """Each member's mean loss (M,), by the single-run trainer's own loss function."""
         outs = out.unbind(0)
-        return torch.stack([self.task.loss(o, y) for o, y in zip(outs, ys)])
+        return torch.stack([self.task.loss(o, y, *_loss_kind(m.config))
+                            for o, y, m in zip(outs, ys, self.members)])
 
     # ---- one optimizer step of every member ---------------------------------------------
 
@@ -506,8 +521,8 @@ class _Ensemble:
         m = self.members[i]
         c = m.config
         template = T.build_model(c)
-        names = [n for n, _ in template.named_parameters()]
-        opt = torch.optim.RMSprop(list(template.parameters()), lr=c.lr, alpha=c.rho, eps=c.opt_eps)
+        names, params = _trained(template)
+        opt = torch.optim.RMSprop(params, lr=c.lr, alpha=c.rho, eps=c.opt_eps)
         sd = opt.state_dict()
         if m.steps > 0:
             sd["state"] = {k: {"step": torch.tensor(float(m.steps)),
@@ -596,7 +611,7 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
             diff = "; ".join(differences(T._flat(stored), T._flat(config.to_dict())))
             raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
         model.load_state_dict(ckpt["model"])
-        names = [n for n, _ in model.named_parameters()]
+        names, _ = _trained(model)
         opt_state = ckpt["optimizer"]["state"]
         square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
         steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
