@@ -44,7 +44,9 @@ def _assert_same_run(a, b, run_a, run_b):
         cb.get("result", {}).get("status")
     assert set(ca["model"]) == set(cb["model"])
     for k in cb["model"]:
-        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-5)
+        # RMSprop divides by the root of the gradient's running square: where that is at rounding
+        # level (a relu unit at its kink), rounding moves a weight by up to a step (lr 3e-3 here)
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-4)
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert set(sa) == set(sb)
     for k in sb:
@@ -324,3 +326,17 @@ def test_sweep_ensemble_flag(tmp_path, capsys):
     assert E.auto_members("cpu", plan.runs[0].config, 100) == 1
     narrow = T.make_config(task="copy", T=22, hidden=25)
     assert E.auto_members("cpu", narrow, 100) == 16 and E.auto_members("cpu", narrow, 3) == 3
+
+
+def test_keras_loss_member_and_exact_member(tmp_path):
+    # The loss kind is the member's own: a Keras-loss member and an exact-loss member in one
+    # ensemble each equal their single runs.
+    configs = [tiny(loss="keras", lr=2e-3, seed=1), tiny(loss="exact", lr=2e-3, seed=1)]
+    outs = E.train_ensemble(configs, [tmp_path / "k", tmp_path / "x"], OPTS)
+    for out, c, name in zip(outs, configs, ("k", "x")):
+        _assert_same_run(out, T.train(c, tmp_path / f"s{name}", OPTS), tmp_path / name,
+                         tmp_path / f"s{name}")
+    # a trained model whose bias is one vector, as the single run's (b_hh frozen at zero)
+    model = _ckpt(tmp_path / "k")["model"]
+    assert torch.equal(model["rnn.bias_hh_l0"], torch.zeros(100))
+    assert model["rnn.bias_ih_l0"].abs().max() > 0

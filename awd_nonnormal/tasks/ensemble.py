@@ -42,6 +42,7 @@ from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
 from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, Diverged,
                     GracefulInterrupt, MetricsLog, NonFiniteGuard, differences, write_json)
 from ..utils import resolve_device
+from . import rules
 from . import train as T
 from .config import config_from_dict
 from .data import generator as _generator
@@ -57,8 +58,6 @@ PER_MEMBER_FIELDS = frozenset({
     "init", "lr", "seed", "epochs", "rho", "opt_eps", "clip", "clip_mode", "stop_loss",
     "perm_seed", "loss",
 })
-
-_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)
 
 
 def ensemble_key(config: T.TaskConfig) -> Tuple[Tuple[str, Any], ...]:
@@ -379,9 +378,6 @@ class _Ensemble:
         self.lr = as_tensor([c.lr for c in cfg])
         self.rho = as_tensor([c.rho for c in cfg])
         self.eps = as_tensor([c.opt_eps for c in cfg])
-        self.clip = as_tensor([c.clip for c in cfg])
-        self.clip_tensor = torch.tensor([c.clip_mode == "tensor" for c in cfg], device=self.device)
-        self.clip_global = torch.tensor([c.clip_mode == "global" for c in cfg], device=self.device)
 
     # ---- data ---------------------------------------------------------------------------
 
@@ -426,20 +422,25 @@ class _Ensemble:
         return losses.detach().cpu().tolist(), norms.cpu().tolist()
 
     def _clip(self) -> Tensor:
-        """Clip each member's gradients as ``train._clip`` does for one run: the norm over the
-        member's own tensors (``global``) or of each tensor (``tensor``); torch's coefficient
-        ``clip / (norm + 1e-6)``, capped at 1; ``none`` leaves them. Returns each member's norm
-        (M,): the largest tensor norm with ``tensor``, the norm of all its tensors otherwise."""
+        """Clip each member's gradients by the single run's rule (:func:`.rules.clip_gradients_`
+        with a member axis: Keras' ``g * c / max(n, c)`` with the member's own norm or norms, all
+        zero where it overflowed). Members that share clip mode and clip value are clipped in one
+        call (the whole batch in a sweep). Returns each member's norm (M,)."""
         grads = [self.model.params[n].grad for n in self.model.trainable]
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (K, M)
-        total = torch.linalg.vector_norm(norms, dim=0)  # (M,)
-        one = torch.ones_like(total)
-        global_coef = torch.where(self.clip_global, (self.clip / (total + _CLIP_EPS)).clamp(max=1.0), one)
-        for g, n_k in zip(grads, norms):
-            tensor_coef = (self.clip / (n_k + _CLIP_EPS)).clamp(max=1.0)
-            coef = torch.where(self.clip_tensor, tensor_coef, global_coef)
-            g.mul_(_member_view(coef, g))
-        return torch.where(self.clip_tensor, norms.max(dim=0).values, total)
+        norm = torch.empty(len(self.members), device=self.device)
+        groups: Dict[Tuple[str, float], List[int]] = {}
+        for i, m in enumerate(self.members):
+            groups.setdefault((m.config.clip_mode, m.config.clip), []).append(i)
+        for (mode, clip), index in groups.items():
+            if len(index) == len(self.members):
+                norm = rules.clip_gradients_(grads, clip, mode, members=True).norm
+                break
+            at = torch.tensor(index, device=self.device)
+            part = [g.index_select(0, at) for g in grads]
+            norm[at] = rules.clip_gradients_(part, clip, mode, members=True).norm.to(norm.dtype)
+            for g, q in zip(grads, part):
+                g.index_copy_(0, at, q)
+        return norm
 
     def update(self, skip: Sequence[int] = ()) -> None:
         """``torch.optim.RMSprop`` (no momentum, not centred) with per-member lr, rho and eps:
