@@ -7,8 +7,8 @@
 For each task shape (copy: T = 500, N = 100; psMNIST: 784 steps, N = 25; batch 16, the paper's
 settings) it times training batches (forward, backward, clipping, RMSprop) of
 
-* the single-run trainer's step (``train.build_model``, ``torch.optim.RMSprop``, ``train._clip``:
-  exactly what ``train.train`` does per batch), one run;
+* the single-run trainer's step (``train.build_model``, ``torch.optim.RMSprop`` over the trainable
+  parameters, ``rules.clip_gradients_``: what ``train.Trainer`` does per batch), one run;
 * an ensemble of M runs (``ensemble._Ensemble.step`` and ``update``), for each M,
 
 in one process, round-robin (one timed batch of each per repeat, after a warm-up), so that load
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awd_nonnormal.tasks import data as D  # noqa: E402
 from awd_nonnormal.tasks import ensemble as E  # noqa: E402
+from awd_nonnormal.tasks import rules  # noqa: E402
 from awd_nonnormal.tasks import train as T  # noqa: E402
 from awd_nonnormal.utils import resolve_device  # noqa: E402
 
@@ -70,7 +71,7 @@ def single_step(shape: str, device):
     task = T.get_task(config.task)
     train_set, _, _ = _datasets(config, device)
     model = T.build_model(config).to(device)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
     order = torch.randperm(config.n_train, generator=torch.Generator().manual_seed(0))
     state = {"pos": 0}
@@ -81,10 +82,11 @@ def single_step(shape: str, device):
         index = order[pos * 16:(pos + 1) * 16].to(device)
         x, y = train_set.batch(index, device)
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(model(x), y)
+        loss = task.loss(model(x), y, config.loss)
         loss.item()
         loss.backward()
-        T._clip(params, config.clip, config.clip_mode)
+        clipped = rules.clip_gradients_([p.grad for p in params], config.clip, config.clip_mode)
+        float(clipped.norm)
         opt.step()
     return step
 
