@@ -57,6 +57,7 @@ COMMANDS = [
     [sys.executable, "bench/rnn_speed.py"],
     [sys.executable, "bench/lm_speed.py"],
     [sys.executable, "bench/nonnormal_claim.py"],
+    [sys.executable, "bench/ensemble_speed.py"],
     ["bash", "getdata.sh"],
 ]
 

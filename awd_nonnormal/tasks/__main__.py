@@ -28,6 +28,7 @@ from .. import cli
 from ..init import INIT_PARAMS, add_init_arguments
 from ..runs import check_resume
 from . import data as D
+from . import ensemble as E
 from . import rules
 from . import sweep as S
 from . import train as T
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", metavar="FILE.json", help="a JSON grid (see below); flags override it")
     sw.add_argument("--out", help="sweep folder (default: runs/sweep-<task>)")
     sw.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    sw.add_argument("--ensemble", default="1", metavar="M|auto",
+                    help="train M runs at once as one batched model (per worker); auto: as many "
+                         "as the GPU's memory holds; on CPU 16 for N <= 50, else none "
+                         "(default 1: none)")
     sw.add_argument("--rank-by", choices=S.RANK_BY, default="final",
                     help="best config by the seeds' mean final (default) or minimum validation loss")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")
@@ -256,6 +261,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{base.get('task', 'copy')}"
     if args.workers < 1:
         raise T.TaskError(f"--workers must be a positive integer, got {args.workers}")
+    ensemble = "auto" if args.ensemble == "auto" else E.check_members_count(args.ensemble)
     plan = S.plan_sweep(grid, base, out)
     if args.dry_run:
         print(S.format_plan(plan))
@@ -263,7 +269,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     options = _options(args, progress=False)
     _set_threads(args.threads)
     S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
-                progress=not args.no_progress)
+                progress=not args.no_progress, ensemble=ensemble)
     _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
     return 0
 

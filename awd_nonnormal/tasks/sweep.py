@@ -3,8 +3,9 @@
 A sweep is a grid (learning rates x seeds x, per model, the values of one initializer parameter)
 on top of one set of task settings. Every grid point is one run of :func:`.train.train` in its
 own folder ``<out>/<model>/<param><value>-lr<lr>-seed<seed>``. Runs go to parallel worker
-processes (spawned, one torch thread each); a finished run (``result.json``) is skipped and an
-interrupted one resumed from its checkpoint, so running the same sweep again continues it.
+processes (spawned, one torch thread each), one by one or, with ``ensemble``, M at a time as one
+batched model (:mod:`.ensemble`); a finished run (``result.json``) is skipped and an interrupted
+one resumed from its checkpoint, so running the same sweep again continues it.
 
 The summary follows Figure 3: for each model the best config (lowest validation loss averaged
 over seeds: final by default, or minimum) with its loss curve (mean +- s.e.m. over seeds, panels
@@ -34,6 +35,7 @@ from ..analysis import mean_sem
 from ..progress import progress_bar
 from ..runs import json_clean
 from ..utils import parse_number
+from . import ensemble as E
 from . import train as T
 from .config import upgrade_config_dict
 
@@ -539,17 +541,45 @@ def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple
         return run_dir, None, f"{type(exc).__name__}: {exc}"
 
 
+def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
+               options: T.RunOptions) -> List[Tuple[str, Optional[Dict[str, Any]], Optional[str]]]:
+    """Train the runs as one ensemble (:func:`.ensemble.train_ensemble`); one
+    ``(run_dir, result, error)`` per run, as :func:`_run_one` gives for one."""
+    stop = _STOP
+    if stop is not None and stop.is_set():
+        return [(d, None, "cancelled") for d in run_dirs]
+
+    def check_stop(epoch: int, batch: int, losses: Dict[str, float]) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+
+    try:
+        outcomes = E.train_ensemble(configs, run_dirs, options,
+                                    on_batch=check_stop if stop is not None else None)
+        return [(d, o.result, None) for d, o in zip(run_dirs, outcomes)]
+    except KeyboardInterrupt:
+        if stop is None:
+            raise
+        stop.set()
+        return [(d, None, "interrupted") for d in run_dirs]
+    except Exception as exc:  # one broken ensemble must not end the sweep
+        logger.exception("ensemble of %d runs from %s failed", len(run_dirs), run_dirs[0])
+        return [(d, None, f"{type(exc).__name__}: {exc}") for d in run_dirs]
+
+
 RunHook = Callable[[str, Optional[Dict[str, Any]], Optional[str]], None]
 
 
 def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, workers: int = 1,
-              threads: int = 1, progress: bool = True,
+              threads: int = 1, progress: bool = True, ensemble: Union[int, str] = 1,
               on_run_done: Optional[RunHook] = None) -> Dict[str, Any]:
-    """Run every unfinished run of the plan; returns ``{"ran", "skipped", "errors"}``.
+    """Run every unfinished run of the plan; returns ``{"ran", "skipped", "errors", "ensemble"}``.
 
-    ``workers == 1`` runs in this process; more use a spawn-based process pool. Each run's own
-    progress bar is off. ``on_run_done(run_dir, result, error)`` is called in this process after
-    each run (for tests and tools).
+    ``workers == 1`` runs in this process; more use a spawn-based process pool. ``ensemble``
+    M > 1 trains the unfinished runs M at a time as one batched model (each worker one
+    ensemble at a time); ``"auto"`` picks M for the device (:func:`.ensemble.auto_members`).
+    Each run's own progress bar is off. ``on_run_done(run_dir, result, error)`` is called in
+    this process after each run (for tests and tools).
     """
     from ..checkpoint import atomic_write
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -560,8 +590,14 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
 
     pending = [r for r in plan.runs if not T.is_finished(r.run_dir)]
     skipped = len(plan.runs) - len(pending)
-    logger.info("sweep %s: %d runs, %d finished before, %d to run with %d worker(s)",
-                plan.out, len(plan.runs), skipped, len(pending), workers)
+    if ensemble == "auto":
+        members = E.auto_members(options.device, pending[0].config, len(pending), workers) if pending else 1
+    else:
+        members = E.check_members_count(ensemble)
+    groups = [pending[i:i + members] for i in range(0, len(pending), members)] if members > 1 else []
+    logger.info("sweep %s: %d runs, %d finished before, %d to run with %d worker(s)%s",
+                plan.out, len(plan.runs), skipped, len(pending), workers,
+                f" in ensembles of up to {members}" if groups else "")
     run_options = T.RunOptions(device=options.device, progress=False, mnist_dir=options.mnist_dir,
                                eval_batch_size=options.eval_batch_size)
     errors: Dict[str, str] = {}
@@ -576,7 +612,12 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
             on_run_done(run_dir, result, error)
 
     try:
-        if workers == 1:
+        if workers == 1 and groups:
+            for group in groups:
+                for item in _run_group([r.config for r in group], [str(r.run_dir) for r in group],
+                                       run_options):
+                    done(*item)
+        elif workers == 1:
             for r in pending:
                 done(*_run_one(r.config, str(r.run_dir), run_options))
         else:
@@ -587,10 +628,17 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                         initargs=(threads, max(level, logging.WARNING), plugins,
                                                   stop)) as pool:
-                futures = [pool.submit(_run_one, r.config, str(r.run_dir), run_options) for r in pending]
+                if groups:
+                    futures = [pool.submit(_run_group, [r.config for r in g],
+                                           [str(r.run_dir) for r in g], run_options) for g in groups]
+                else:
+                    futures = [pool.submit(_run_one, r.config, str(r.run_dir), run_options)
+                               for r in pending]
                 try:
                     for fut in cf.as_completed(futures):
-                        done(*fut.result())
+                        items = fut.result()
+                        for item in (items if groups else [items]):
+                            done(*item)
                 except BaseException:
                     stop.set()
                     logger.warning("sweep stopping: the running runs save their checkpoints")
@@ -601,7 +649,7 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
     if errors:
         logger.warning("%d run(s) failed: %s", len(errors),
                        "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:5]))
-    return {"ran": len(pending), "skipped": skipped, "errors": errors}
+    return {"ran": len(pending), "skipped": skipped, "errors": errors, "ensemble": members}
 
 
 # --------------------------------------------------------------------------------------------
