@@ -3,7 +3,8 @@
 or vanilla RNN layers and the non-normal initializers of Orhan & Pitkow (ICLR 2020).
 
 The flags of salesforce/awd-lstm-lm's main.py keep their names and defaults, except ``--cuda``,
-which is ``--device auto|cpu|cuda``. This script only parses the command line into
+which is ``--device auto|cpu|cuda``, and ``--model RNN``, which has the defaults of
+:data:`MODEL_DEFAULTS` (the paper's vanilla-RNN settings) unless a flag is given. This script only parses the command line into
 :class:`~awd_nonnormal.model.ModelConfig` and :class:`~awd_nonnormal.lm.TrainConfig` and calls
 :func:`awd_nonnormal.lm.run`.
 
@@ -16,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,16 @@ from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES
 from awd_nonnormal.utils import resolve_device
 
 PROG = "main.py"
+logger = logging.getLogger("main")
+
+#: Defaults that differ by --model (argparse dest -> value); a flag given on the command line
+#: wins. RNN: the paper's vanilla-RNN settings (Orhan & Pitkow 2020, section 3.1.2: Adam, every
+#: dropout 0.1) with a learning rate and activation that train on PTB text (docs/language-models.md).
+#: LSTM and GRU keep awd-lstm-lm's defaults (SGD at lr 30 and its dropouts).
+MODEL_DEFAULTS = {
+    "RNN": {"optimizer": "adam", "lr": 2e-3, "nonlinearity": "tanh", "dropout": 0.1, "dropouth": 0.1,
+            "dropouti": 0.1, "dropoute": 0.1, "wdrop": 0.1},
+}
 
 # argparse dest -> setting name of awd_nonnormal.lm (see lm._flat_settings); every dest not
 # listed is an action, not a setting.
@@ -39,7 +51,7 @@ _SETTINGS = {
     "init_alpha": "init.params", "init_beta": "init.params", "init_scale": "init.params",
     "init_eps": "init.params", "init_zero_bias": "init.zero_bias", "init_plugins": "init.plugins",
     "data": "data", "batch_size": "batch_size", "eval_batch_size": "eval_batch_size",
-    "test_batch_size": "test_batch_size", "bptt": "bptt", "lr": "lr", "clip": "clip",
+    "test_batch_size": "test_batch_size", "bptt": "bptt", "lr": "lr", "clip": "clip", "warmup": "warmup",
     "epochs": "epochs", "alpha": "alpha", "beta": "beta", "wdecay": "wdecay",
     "optimizer": "optimizer", "when": "when", "nonmono": "nonmono", "seed": "seed",
     "log_interval": "log_interval", "save": "save", "device": "device",
@@ -63,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = ModelConfig()
     g = p.add_argument_group("data and model (awd-lstm-lm flags)")
     g.add_argument("--data", default=d.data, help="corpus folder with train.txt, valid.txt, test.txt")
-    g.add_argument("--model", default=m.rnn_type, choices=RNN_TYPES, help="recurrent layer type")
+    g.add_argument("--model", default=m.rnn_type, choices=RNN_TYPES,
+                   help="recurrent layer type; RNN changes the defaults of "
+                        + ", ".join(f"--{k} ({v})" for k, v in MODEL_DEFAULTS["RNN"].items()))
     g.add_argument("--emsize", type=int, default=m.emsize, help="size of word embeddings")
     g.add_argument("--nhid", type=int, default=m.nhid, help="hidden units per layer")
     g.add_argument("--nlayers", type=int, default=m.nlayers, help="number of layers")
@@ -82,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training (awd-lstm-lm flags)")
     g.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
     g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: none)")
+    g.add_argument("--warmup", type=int, default=d.warmup, metavar="STEPS",
+                   help="linear learning-rate warm-up over the first STEPS optimizer steps (0: none)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="upper epoch limit")
     g.add_argument("--batch_size", type=int, default=d.batch_size, metavar="N", help="batch size")
     g.add_argument("--bptt", type=int, default=d.bptt, help="mean sequence length of truncated BPTT")
@@ -120,6 +136,17 @@ def explicit_fields(argv: Optional[Sequence[str]]) -> FrozenSet[str]:
     return frozenset({_SETTINGS.get(k) for k in cli.given_dests(build_parser, argv)} - {None})
 
 
+def apply_model_defaults(args: argparse.Namespace, explicit: FrozenSet[str]) -> List[str]:
+    """Set the :data:`MODEL_DEFAULTS` of ``args.model`` that the command line left unset (their
+    dests are config field names). Returns the applied ones as flags, e.g. ``["--lr 0.001"]``."""
+    applied = []
+    for dest, value in MODEL_DEFAULTS.get(args.model, {}).items():
+        if dest not in explicit:
+            setattr(args, dest, value)
+            applied.append(f"--{dest} {value:g}" if isinstance(value, float) else f"--{dest} {value}")
+    return applied
+
+
 def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(
         rnn_type=args.model, emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
@@ -128,7 +155,7 @@ def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfi
         init=init_options_from_args(args))
     train = TrainConfig(
         data=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        test_batch_size=args.test_batch_size, bptt=args.bptt, lr=args.lr, clip=args.clip,
+        test_batch_size=args.test_batch_size, bptt=args.bptt, lr=args.lr, clip=args.clip, warmup=args.warmup,
         epochs=args.epochs, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         optimizer=args.optimizer, when=tuple(args.when), nonmono=args.nonmono, seed=args.seed,
         log_interval=args.log_interval, save=args.save or _default_save(), device=args.device,
@@ -162,6 +189,8 @@ def print_summary(result: RunResult) -> None:
     print(f"best model:   {p.best}" + ("" if p.best.exists() else " (not written)"))
     print(f"latest state: {p.latest}" + ("" if p.latest.exists() else " (not written)"))
     print(f"metrics:      {p.metrics}")
+    if result.tokens_per_s is not None:
+        print(f"training speed: {result.tokens_per_s:,.0f} tokens/s")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -170,11 +199,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     explicit = explicit_fields(argv)
     cli.setup_logging(args.verbose)
 
+    if args.resume is None:  # a resumed run takes its settings from the checkpoint
+        applied = apply_model_defaults(args, explicit)
+        if applied:
+            logger.info("--model %s defaults: %s (flags on the command line win)", args.model, " ".join(applied))
+
     def command() -> int:
         model_cfg, train_cfg = configs_from_args(args)
         resolve_device(train_cfg.device)
         if args.resume is None:  # a resumed run loads its model: it needs no initializer
             check_init(model_cfg)
+            if model_cfg.tied and model_cfg.nlayers == 1 and "nhid" in explicit and model_cfg.nhid != model_cfg.emsize:
+                logger.warning("--nhid %d is not used: with tied weights the last layer has --emsize %d "
+                               "units, and the model has one layer (pass --no-tied for %d units)",
+                               model_cfg.nhid, model_cfg.emsize, model_cfg.nhid)
         result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
         print_summary(result)
         return cli.EXIT_OK

@@ -67,7 +67,7 @@ __all__ = [
     "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "RunPaths", "RunResult", "LMError",
     "ResumeError", "NonFiniteLossError", "RunExistsError", "Trainer", "evaluate", "run",
     "merge_resume_config", "should_switch_to_asgd", "loss_units", "activation_regularization",
-    "averaged_weights",
+    "averaged_weights", "warmup_factor", "explosion_threshold",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -106,6 +106,8 @@ class TrainConfig:
             validation and test streams (AWD-LSTM: 80, 10, 1).
         bptt: mean truncated-BPTT length; also the chunk length of evaluation.
         lr: initial learning rate. clip: gradient-norm clip (0: none).
+        warmup: optimizer steps of linear learning-rate warm-up (0: none): step k of the run
+            uses ``lr * min(1, k / warmup)`` (see :func:`warmup_factor`).
         epochs: last epoch to train. alpha, beta: AR and TAR weights. wdecay: weight decay.
         optimizer: ``sgd`` (switching to ASGD) or ``adam``.
         when: epochs at whose end the learning rate is divided by 10.
@@ -127,6 +129,7 @@ class TrainConfig:
     bptt: int = 70
     lr: float = 30.0
     clip: float = 0.25
+    warmup: int = 0
     epochs: int = 8000
     alpha: float = 2.0
     beta: float = 1.0
@@ -153,6 +156,8 @@ class TrainConfig:
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         check_seed(self.seed, "--seed")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if self.nonmono < 0:
             raise ValueError(f"nonmono must be >= 0, got {self.nonmono}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -211,6 +216,7 @@ class RunResult:
     test_loss: Optional[float]
     interrupted: bool
     stopped_at: Optional[str] = None  # "epoch k, batch b" when Ctrl-C stopped training
+    tokens_per_s: Optional[float] = None  # training tokens per second over the finished epochs
 
 
 def loss_units(loss: float) -> Dict[str, float]:
@@ -218,6 +224,20 @@ def loss_units(loss: float) -> Dict[str, float]:
     ``loss / ln 2`` (bits per word or per character, depending on the corpus)."""
     ppl = math.exp(loss) if loss < 700 else float("inf")
     return {"loss": loss, "ppl": ppl, "bpt": loss / LN2}
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """The learning-rate factor of optimizer step ``step`` (1, 2, ...) under a linear warm-up of
+    ``warmup`` steps: ``min(1, step / warmup)``; 1 without warm-up (Goyal et al. 2017, "Accurate,
+    large minibatch SGD", section 2.2, gradual warm-up)."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def explosion_threshold(ntoken: int) -> float:
+    """The batch loss above which training is said to explode: ``2 ln V`` nats, twice the loss of
+    the uniform guess over a vocabulary of ``ntoken`` tokens (a model that has learned anything
+    stays below ``ln V``)."""
+    return 2.0 * math.log(ntoken)
 
 
 def should_switch_to_asgd(val_history: Sequence[float], val_loss: float, nonmono: int) -> bool:
@@ -308,6 +328,7 @@ class _State:
     val_history: List[float] = field(default_factory=list)
     metrics: List[Dict[str, Any]] = field(default_factory=list)
     at_boundary: bool = True       # False while a batch or an epoch's end is half done
+    exploded: int = 0              # batches of this epoch whose loss exceeded 2 ln V
 
 
 def _hidden_to(hidden: Optional[Hidden], device: torch.device) -> Optional[Hidden]:
@@ -385,7 +406,8 @@ class Trainer:
         if mid_epoch:
             position = {"epoch": st.epoch, "pos": st.pos, "batch": st.batch,
                         "hidden": _hidden_to(st.hidden, torch.device("cpu")),
-                        "loss_sum": st.loss_sum, "tokens": st.tokens, "train_time": st.train_time}
+                        "loss_sum": st.loss_sum, "tokens": st.tokens, "train_time": st.train_time,
+                        "exploded": st.exploded}
         save_checkpoint(
             self.paths.latest, kind="lm", arch=common.pop("arch"), config=common.pop("config"),
             model=self.model.state_dict(), role="latest",
@@ -416,6 +438,7 @@ class Trainer:
             st.hidden = _hidden_to(position["hidden"], self.device)
             st.loss_sum, st.tokens = float(position["loss_sum"]), int(position["tokens"])
             st.train_time = float(position["train_time"])
+            st.exploded = int(position.get("exploded", 0))
         else:
             st.epoch = int(ckpt["epoch"]) + 1
         set_rng_state(ckpt["rng"])
@@ -455,6 +478,8 @@ class Trainer:
         if st.pos == 0:
             st.hidden = model.init_hidden(cfg.batch_size)
         rows = self.train_data.size(0)
+        steps_before = sum(int(m["batches"]) for m in st.metrics)  # optimizer steps of past epochs
+        threshold = explosion_threshold(self.model_cfg.ntoken)
         log_loss, log_tokens, log_start, log_batches = 0.0, 0, time.perf_counter(), 0
         while st.pos < rows - 2:  # at least two rows, so that TAR has a difference
             st.at_boundary = False
@@ -463,7 +488,7 @@ class Trainer:
             seq_len = data.size(0)
             group = self.optimizer.param_groups[0]
             lr = group["lr"]
-            group["lr"] = lr * seq_len / cfg.bptt
+            group["lr"] = lr * seq_len / cfg.bptt * warmup_factor(steps_before + st.batch + 1, cfg.warmup)
             try:
                 hidden = repackage_hidden(st.hidden)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -496,6 +521,14 @@ class Trainer:
             st.tokens += ntok
             st.train_time += time.perf_counter() - start
             st.at_boundary = True
+            if values[0] > threshold:
+                st.exploded += 1
+                if st.exploded == 1:
+                    logger.warning(
+                        "training loss %.4g at epoch %d, batch %d is above 2 ln V = %.2f (the uniform "
+                        "guess scores ln V): training is exploding. Try --warmup STEPS, a smaller "
+                        "--lr or --init-scale, or --nonlinearity tanh", values[0], st.epoch, st.batch,
+                        threshold)
             log_loss += values[0] * ntok
             log_tokens += ntok
             log_batches += 1
@@ -506,9 +539,10 @@ class Trainer:
                 mean = log_loss / log_tokens
                 u = loss_units(mean)
                 elapsed = time.perf_counter() - log_start
-                logger.info("| epoch %3d | %5d/%5d batches | lr %.5g | ms/batch %6.1f | loss %5.2f | "
-                            "ppl %8.2f | bpt %6.3f", st.epoch, st.batch, rows // cfg.bptt, lr,
-                            1000 * elapsed / log_batches, mean, u["ppl"], u["bpt"])
+                logger.info("| epoch %3d | %5d/%5d batches | lr %.5g | ms/batch %6.1f | tok/s %7.0f | "
+                            "loss %5.2f | ppl %8.2f | bpt %6.3f", st.epoch, st.batch, rows // cfg.bptt,
+                            lr * warmup_factor(steps_before + st.batch, cfg.warmup),
+                            1000 * elapsed / log_batches, log_tokens / elapsed, mean, u["ppl"], u["bpt"])
                 log_loss, log_tokens, log_start, log_batches = 0.0, 0, time.perf_counter(), 0
             self.check_interrupt()
 
@@ -532,12 +566,17 @@ class Trainer:
                 "batches": st.batch, "train_time_s": st.train_time,
                 "epoch_time_s": time.perf_counter() - epoch_start,
                 "tokens_per_s": st.tokens / st.train_time if st.train_time > 0 else 0.0,
+                "exploded_batches": st.exploded,
             }
             if val_loss < st.best_val:
                 self._save_model(self.paths.best, "best", epoch, val_loss, st.metrics + [record])
                 logger.info("saved the new best model (validation loss %.4f) to %s", val_loss, self.paths.best)
-        logger.info("| end of epoch %3d | time: %6.1fs | valid loss %6.3f | valid ppl %8.2f | valid bpt %6.3f",
-                    epoch, record["epoch_time_s"], val_loss, u["ppl"], u["bpt"])
+        logger.info("| end of epoch %3d | time: %6.1fs | tok/s %7.0f | valid loss %6.3f | valid ppl %8.2f | "
+                    "valid bpt %6.3f", epoch, record["epoch_time_s"], record["tokens_per_s"], val_loss,
+                    u["ppl"], u["bpt"])
+        if st.exploded:
+            logger.warning("epoch %d: %d of %d training batches had a loss above 2 ln V", epoch,
+                           st.exploded, st.batch)
         if epoch in cfg.when:  # the live weights, before the learning rate drops (as awd-lstm-lm)
             self._save_model(self.paths.snapshot(epoch), "snapshot", epoch, val_loss, st.metrics + [record])
         # Commit: from here the epoch is done.
@@ -556,7 +595,7 @@ class Trainer:
                 group["lr"] /= 10.0
         st.metrics.append(record)
         st.epoch, st.pos, st.batch, st.hidden = epoch + 1, 0, 0, None
-        st.loss_sum, st.tokens, st.train_time = 0.0, 0, 0.0
+        st.loss_sum, st.tokens, st.train_time, st.exploded = 0.0, 0, 0.0, 0
         st.at_boundary = True
         self.save_latest(mid_epoch=False)
         self.metrics_log.append(record)
@@ -705,8 +744,10 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
         paths.metrics.unlink()
     interrupted, where = trainer.fit()
     st = trainer.state
+    seconds = sum(m["train_time_s"] for m in st.metrics)
+    speed = sum(m["tokens_per_s"] * m["train_time_s"] for m in st.metrics) / seconds if seconds > 0 else None
     if not paths.best.exists() or st.best_epoch == 0:
         logger.warning("no epoch was validated, so there is no best model to test")
-        return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where)
+        return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where, tokens_per_s=speed)
     val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device)
-    return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where)
+    return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where, tokens_per_s=speed)
