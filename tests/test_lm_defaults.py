@@ -144,3 +144,81 @@ def test_trainer_applies_the_warmup_across_epochs(tmp_path, monkeypatch):
     assert len(seen_lr) == len(seen_len) == sum(batches)
     for k, (got, length) in enumerate(zip(seen_lr, seen_len), start=1):
         assert got == pytest.approx(0.01 * length / 20 * min(1.0, k / 60), rel=1e-12), k
+
+
+# ---------------------------------------------------------------------- first steps, warnings
+
+
+def first_run_model(**changes):
+    """The model of the README's first-run command (`--model RNN --init fbchain --nlayers 1
+    --emsize 128`, tied: 128 units) with the defaults of --model RNN."""
+    d = main.MODEL_DEFAULTS["RNN"]
+    cfg = dict(rnn_type="RNN", emsize=128, nlayers=1, init="fbchain", nonlinearity=d["nonlinearity"],
+               **{k: d[k] for k in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")})
+    cfg.update(changes)
+    return ModelConfig(**cfg)
+
+
+@pytest.fixture(scope="module")
+def char_corpus(tmp_path_factory):
+    # about 50 batches of 32 x 70 characters in one epoch
+    return write_char_corpus(tmp_path_factory.mktemp("char"), chars=(50 * 70 * 32 + 1000, 2000, 300))
+
+
+def exploded_in_first_epoch(tmp_path, data, model, seed=1):
+    d = main.MODEL_DEFAULTS["RNN"]
+    tc = TrainConfig(data=data, batch_size=32, optimizer=d["optimizer"], lr=d["lr"], epochs=1, seed=seed,
+                     save=str(tmp_path / f"{model.nonlinearity}-{model.init_params}" / "model.pt"),
+                     progress=False, test_batch_size=10)
+    result = run(model, tc)
+    (record,) = [json.loads(line) for line in result.paths.metrics.read_text().splitlines()]
+    assert 45 <= record["batches"] <= 60
+    return record["exploded_batches"]
+
+
+def test_elu_fbchain_spikes_in_the_first_steps_and_the_remedies_do_not(tmp_path, char_corpus, caplog):
+    """The first-run model with elu (its activation before) spikes above 2 ln V within its first
+    ~50 Adam steps on character text; with fbchain's alpha at 0.5 (--init-scale 0.5) or with tanh
+    (the default of --model RNN, which the first-run command uses) no batch does. Fixed seed."""
+    caplog.set_level(logging.WARNING)
+    assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model(nonlinearity="elu")) > 0
+    assert "above 2 ln V" in caplog.text and "training is exploding" in caplog.text
+    assert exploded_in_first_epoch(tmp_path, char_corpus,
+                                   first_run_model(nonlinearity="elu", init_params={"scale": 0.5})) == 0
+    assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model()) == 0
+
+
+def test_explosion_threshold_and_warning(tmp_path, caplog):
+    """2 ln V, and a model whose recurrence grows (identity 1.3 with elu: h_t ~ 1.3^t, large but
+    finite over these few batches) is reported once per epoch and counted in the metrics."""
+    assert explosion_threshold(31) == pytest.approx(2 * math.log(31))
+    data = write_bigram_corpus(tmp_path / "c", tokens=(400, 400, 200), vocab=10)
+    mc = ModelConfig(rnn_type="RNN", emsize=8, nhid=8, nlayers=1, dropout=0, dropouth=0, dropouti=0,
+                     dropoute=0, wdrop=0, nonlinearity="elu", init="identity:scale=1.3", init_zero_bias=True)
+    tc = TrainConfig(data=data, batch_size=4, bptt=20, lr=1e-9, optimizer="adam", epochs=1, clip=0,
+                     save=str(tmp_path / "r" / "model.pt"), progress=False)
+    caplog.set_level(logging.WARNING)
+    result = run(mc, tc)
+    (record,) = [json.loads(line) for line in result.paths.metrics.read_text().splitlines()]
+    warnings = [r.getMessage() for r in caplog.records if "training is exploding" in r.getMessage()]
+    assert len(warnings) == 1 and "is above 2 ln V = 4.80" in warnings[0]
+    assert record["exploded_batches"] > 1
+    assert f"{record['exploded_batches']} of {record['batches']} training batches" in caplog.text
+
+
+def test_summary_prints_tokens_per_second_and_tied_nhid_warning(tmp_path, monkeypatch, capsys, caplog):
+    data = write_bigram_corpus(tmp_path / "c", tokens=(3_000, 400, 200), vocab=10)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO)
+    argv = ["--data", data, "--model", "RNN", "--nlayers", "1", "--emsize", "8", "--nhid", "32",
+            "--epochs", "1", "--batch_size", "4", "--bptt", "20", "--no-progress"]
+    assert main.main(argv) == 0
+    out = capsys.readouterr().out
+    (record,) = metrics_of(tmp_path)
+    line = [l for l in out.splitlines() if l.startswith("training speed:")]
+    assert line == [f"training speed: {record['tokens_per_s']:,.0f} tokens/s"]
+    assert "--nhid 32 is not used" in caplog.text and "--emsize 8 units" in caplog.text
+    assert "tok/s" in caplog.text  # the end-of-epoch line
+    caplog.clear()
+    assert main.main(argv[:6] + ["--no-tied"] + argv[6:] + ["--save", "untied/model.pt"]) == 0
+    assert "is not used" not in caplog.text
