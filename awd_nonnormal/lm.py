@@ -12,7 +12,8 @@ What one epoch does:
 * loss = cross-entropy (nats) + AR ``alpha * mean(dropped last-layer output ** 2)`` + TAR
   ``beta * mean((h_t - h_{t-1}) ** 2)`` on the undropped last-layer output (AWD-LSTM section 4.6);
   gradient-norm clipping ``--clip``; weight decay ``--wdecay``; the hidden state is carried from
-  batch to batch and detached in between;
+  batch to batch and detached in between; an optional linear learning-rate warm-up over the first
+  ``warmup`` optimizer steps of the run; a warning when a batch's loss passes ``2 ln V``;
 * validation at the end of every epoch. SGD switches to averaged SGD
   (``ASGD(t0=0, lambd=0)``) when the validation loss is worse than the best of all but the last
   ``nonmono`` epochs (the non-monotone trigger, AWD-LSTM section 3); under ASGD the validation and
@@ -526,8 +527,9 @@ class Trainer:
                 if st.exploded == 1:
                     logger.warning(
                         "training loss %.4g at epoch %d, batch %d is above 2 ln V = %.2f (the uniform "
-                        "guess scores ln V): training is exploding. Try --warmup STEPS, a smaller "
-                        "--lr or --init-scale, or --nonlinearity tanh", values[0], st.epoch, st.batch,
+                        "guess scores ln V): training is exploding. With elu or relu and a chain or "
+                        "identity init, try --nonlinearity tanh, --init-scale 0.5 or --wdrop 0; "
+                        "otherwise a smaller --lr", values[0], st.epoch, st.batch,
                         threshold)
             log_loss += values[0] * ntok
             log_tokens += ntok
