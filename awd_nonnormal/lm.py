@@ -107,8 +107,8 @@ class TrainConfig:
             validation and test streams (AWD-LSTM: 80, 10, 1).
         bptt: mean truncated-BPTT length; also the chunk length of evaluation.
         lr: initial learning rate. clip: gradient-norm clip (0: none).
-        warmup: optimizer steps of linear learning-rate warm-up (0: none): step k of the run
-            uses ``lr * min(1, k / warmup)`` (see :func:`warmup_factor`).
+        warmup: training batches of linear learning-rate warm-up (0: none): batch k of the run,
+            counted across epochs, uses ``lr * min(1, k / warmup)`` (see :func:`warmup_factor`).
         epochs: last epoch to train. alpha, beta: AR and TAR weights. wdecay: weight decay.
         optimizer: ``sgd`` (switching to ASGD) or ``adam``.
         when: epochs at whose end the learning rate is divided by 10.

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awd_nonnormal.data import batchify, get_batch, load_corpus  # noqa: E402
+from awd_nonnormal.init import InitOptions  # noqa: E402
 from awd_nonnormal.lm import activation_regularization, warmup_factor  # noqa: E402
 from awd_nonnormal.model import ModelConfig, RNNModel  # noqa: E402
 
@@ -69,8 +70,8 @@ def main() -> None:
     params = {} if args.init_scale is None else {"scale": args.init_scale}
     cfg = ModelConfig(rnn_type="RNN", ntoken=V, emsize=args.emsize, nhid=args.nhid, nlayers=1,
                       dropout=args.dropout, dropouth=args.dropout, dropouti=args.dropout, dropoute=0.0,
-                      wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity, init=args.init,
-                      init_params=params)
+                      wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity,
+                      init=InitOptions(args.init, params))
     model = RNNModel(cfg)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1.2e-6)

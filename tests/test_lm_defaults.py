@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from awd_nonnormal import lm
+from awd_nonnormal.init import InitOptions
 from awd_nonnormal.lm import TrainConfig, explosion_threshold, run, warmup_factor
 from awd_nonnormal.model import ModelConfig
 
@@ -153,7 +154,7 @@ def first_run_model(**changes):
     """The model of the README's first-run command (`--model RNN --init fbchain --nlayers 1
     --emsize 128`, tied: 128 units) with the defaults of --model RNN."""
     d = main.MODEL_DEFAULTS["RNN"]
-    cfg = dict(rnn_type="RNN", emsize=128, nlayers=1, init="fbchain", nonlinearity=d["nonlinearity"],
+    cfg = dict(rnn_type="RNN", emsize=128, nlayers=1, init=InitOptions("fbchain"), nonlinearity=d["nonlinearity"],
                **{k: d[k] for k in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")})
     cfg.update(changes)
     return ModelConfig(**cfg)
@@ -168,7 +169,7 @@ def char_corpus(tmp_path_factory):
 def exploded_in_first_epoch(tmp_path, data, model, seed=1):
     d = main.MODEL_DEFAULTS["RNN"]
     tc = TrainConfig(data=data, batch_size=32, optimizer=d["optimizer"], lr=d["lr"], epochs=1, seed=seed,
-                     save=str(tmp_path / f"{model.nonlinearity}-{model.init_params}" / "model.pt"),
+                     save=str(tmp_path / f"{model.nonlinearity}-{model.init.params}" / "model.pt"),
                      progress=False, test_batch_size=10)
     result = run(model, tc)
     (record,) = [json.loads(line) for line in result.paths.metrics.read_text().splitlines()]
@@ -184,7 +185,7 @@ def test_elu_fbchain_spikes_in_the_first_steps_and_the_remedies_do_not(tmp_path,
     assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model(nonlinearity="elu")) > 0
     assert "above 2 ln V" in caplog.text and "training is exploding" in caplog.text
     assert exploded_in_first_epoch(tmp_path, char_corpus,
-                                   first_run_model(nonlinearity="elu", init_params={"scale": 0.5})) == 0
+                                   first_run_model(nonlinearity="elu", init=InitOptions("fbchain", {"scale": 0.5}))) == 0
     assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model()) == 0
 
 
@@ -194,7 +195,7 @@ def test_explosion_threshold_and_warning(tmp_path, caplog):
     assert explosion_threshold(31) == pytest.approx(2 * math.log(31))
     data = write_bigram_corpus(tmp_path / "c", tokens=(400, 400, 200), vocab=10)
     mc = ModelConfig(rnn_type="RNN", emsize=8, nhid=8, nlayers=1, dropout=0, dropouth=0, dropouti=0,
-                     dropoute=0, wdrop=0, nonlinearity="elu", init="identity:scale=1.3", init_zero_bias=True)
+                     dropoute=0, wdrop=0, nonlinearity="elu", init=InitOptions("identity:scale=1.3", zero_bias=True))
     tc = TrainConfig(data=data, batch_size=4, bptt=20, lr=1e-9, optimizer="adam", epochs=1, clip=0,
                      save=str(tmp_path / "r" / "model.pt"), progress=False)
     caplog.set_level(logging.WARNING)
