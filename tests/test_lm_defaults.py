@@ -102,7 +102,7 @@ def test_headline_command_learns(tmp_path, monkeypatch, caplog):
     assert "--model RNN defaults: --optimizer adam" in caplog.text
     (record,) = metrics_of(tmp_path)
     ln_v = math.log(31)  # 30 words and <eos>
-    assert record["val_loss"] < ln_v - 0.5, (record, ln_v)
+    assert record["val_loss"] < ln_v - 0.75, (record, ln_v)  # measured 2.40 against ln V = 3.43
     assert record["exploded_batches"] == 0
 
 
