@@ -528,7 +528,7 @@ class Trainer:
                     logger.warning(
                         "training loss %.4g at epoch %d, batch %d is above 2 ln V = %.2f (the uniform "
                         "guess scores ln V): training is exploding. With elu or relu and a chain or "
-                        "identity init, try --nonlinearity tanh, --init-scale 0.5 or --wdrop 0; "
+                        "identity init, try --nonlinearity tanh, --init-alpha 0.5 or --wdrop 0; "
                         "otherwise a smaller --lr", values[0], st.epoch, st.batch,
                         threshold)
             log_loss += values[0] * ntok

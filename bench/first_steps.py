@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--nonlinearity", default="elu")
     p.add_argument("--init", default="fbchain")
+    p.add_argument("--init-alpha", type=float, default=None, help="alpha of chain / fbchain")
     p.add_argument("--init-scale", type=float, default=None)
     p.add_argument("--emsize", type=int, default=64)
     p.add_argument("--nhid", type=int, default=256)
@@ -67,7 +68,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data)
     V = len(corpus.dictionary)
-    params = {} if args.init_scale is None else {"scale": args.init_scale}
+    params = {k: v for k, v in (("alpha", args.init_alpha), ("scale", args.init_scale)) if v is not None}
     cfg = ModelConfig(rnn_type="RNN", ntoken=V, emsize=args.emsize, nhid=args.nhid, nlayers=1,
                       dropout=args.dropout, dropouth=args.dropout, dropouti=args.dropout, dropoute=0.0,
                       wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity,

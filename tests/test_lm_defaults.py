@@ -179,13 +179,13 @@ def exploded_in_first_epoch(tmp_path, data, model, seed=1):
 
 def test_elu_fbchain_spikes_in_the_first_steps_and_the_remedies_do_not(tmp_path, char_corpus, caplog):
     """The first-run model with elu (its activation before) spikes above 2 ln V within its first
-    ~50 Adam steps on character text; with fbchain's alpha at 0.5 (--init-scale 0.5) or with tanh
+    ~50 Adam steps on character text; with fbchain's alpha at 0.5 (--init-alpha 0.5) or with tanh
     (the default of --model RNN, which the first-run command uses) no batch does. Fixed seed."""
     caplog.set_level(logging.WARNING)
     assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model(nonlinearity="elu")) > 0
     assert "above 2 ln V" in caplog.text and "training is exploding" in caplog.text
     assert exploded_in_first_epoch(tmp_path, char_corpus,
-                                   first_run_model(nonlinearity="elu", init=InitOptions("fbchain", {"scale": 0.5}))) == 0
+                                   first_run_model(nonlinearity="elu", init=InitOptions("fbchain", {"alpha": 0.5}))) == 0
     assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model()) == 0
 
 
