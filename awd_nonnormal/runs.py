@@ -31,17 +31,42 @@ A diverged run keeps its last good checkpoint (nothing is saved after the bad st
 trainer records ``status: diverged`` in its result, the language-model trainer raises
 :class:`Diverged`, and the command lines exit with :data:`awd_nonnormal.cli.EXIT_DIVERGED`.
 
+A loss can also be finite and still absurd (1e17 and more): the task trainer passes a ``limit``
+to :meth:`NonFiniteGuard.check_loss` and a validation loss above :data:`DIVERGED_FACTOR` times the
+task's random baseline (a model a million times worse than one that ignores its input) ends the
+run as diverged like a non-finite one.
+
 Ctrl-C (:class:`GracefulInterrupt`): the first one stops at the next batch boundary after a
 checkpoint that resumes exactly; a second one aborts at once.
+
+One writer per run (:class:`RunLock`): a run holds an OS file lock (``fcntl.flock``) on a lock
+file in its folder (``.lock``; ``.NAME.lock`` beside a language model's ``--save DIR/NAME.pt``)
+for as long as it runs. The lock goes with the process, whatever ends it (a kill -9 included), so
+it is never stale; a second process that wants the same run is refused with
+:class:`RunLocked` (a :class:`RunExistsError`). The lock file itself stays (removing it would
+let two processes lock two different files). Where the platform has no ``fcntl`` (Windows) or
+the file system refuses locks, the run goes on unlocked with a warning.
+
+Outputs are checked before any work (:func:`check_output_dir`, :func:`check_output_file`): a
+place that cannot be written is refused with :class:`OutputError` at start-up, not after an
+epoch of training.
+
+Leftovers (:func:`remove_stale_temporaries`): a kill during an atomic write leaves its hidden
+temporary file (``.NAME.XXXXXXXX.tmp``, see :func:`awd_nonnormal.checkpoint.atomic_write`); the
+next start of that run, holding the lock, removes those of its own files. Everything that lists
+a folder skips hidden files.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import re
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +80,9 @@ __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE", "RunExistsError",
     "ResumeConflict", "Diverged", "check_resume", "differences", "json_clean", "write_text",
     "write_json", "read_json", "MetricsLog", "read_metrics", "read_result", "is_finished",
-    "NonFiniteGuard", "GracefulInterrupt",
+    "NonFiniteGuard", "GracefulInterrupt", "DIVERGED_FACTOR", "RunLock", "RunLocked",
+    "LOCK_FILE", "OutputError", "check_output_dir", "check_output_file",
+    "remove_stale_temporaries",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -64,6 +91,10 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
+LOCK_FILE = ".lock"
+
+#: A validation loss above this many times the random baseline ends a run as diverged.
+DIVERGED_FACTOR = 1e6
 
 
 class RunExistsError(RuntimeError):
@@ -76,6 +107,14 @@ class ResumeConflict(ValueError):
 
 class Diverged(RuntimeError):
     """A run ended because a loss became non-finite or its updates stopped (see the module)."""
+
+
+class RunLocked(RunExistsError):
+    """Another process is writing the run (it holds the run's lock)."""
+
+
+class OutputError(ValueError):
+    """An output location (``--save``, ``--out``) that cannot be written."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +257,13 @@ class NonFiniteGuard:
     skipped: int = 0
     streak: int = 0
 
-    def check_loss(self, value: float, what: str, where: str) -> None:
+    def check_loss(self, value: float, what: str, where: str, limit: float = math.inf) -> None:
+        """Raise :class:`Diverged` if ``value`` is not finite or above ``limit``."""
         if not math.isfinite(value):
             raise Diverged(f"{what} became {value} at {where}")
+        if value > limit:
+            raise Diverged(f"{what} reached {value:.4g} at {where}, above the divergence limit "
+                           f"{limit:.4g}")
 
     def allow_step(self, grad_norm: float, where: str) -> bool:
         """True: apply the step. False: the gradient norm is not finite and the update is zeroed."""
@@ -276,3 +319,137 @@ class GracefulInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run
+# --------------------------------------------------------------------------------------------
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
+class RunLock:
+    """``with RunLock(path, what):`` holds an exclusive ``flock`` on the file ``path`` (created
+    if missing, with its folder) for the block; :class:`RunLocked` if another process holds it.
+    ``what`` names the run in the message. Without ``fcntl``, or on a file system that refuses
+    locks, a warning and no lock."""
+
+    def __init__(self, path: PathLike, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._key: Optional[str] = None
+
+    def __enter__(self) -> "RunLock":
+        if fcntl is None:
+            logger.warning("no file locks on this platform: make sure no other process writes "
+                           "%s at the same time", self.what)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:  # this process holds it already (an outer block): nested, not refused
+            _HELD[key][1] += 1
+            self._key = key
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                by = f"another process (pid {holder})" if holder else "another process"
+                raise RunLocked(f"{self.what} is being written by {by}: wait for it to end, or "
+                                f"choose another output") from None
+            logger.warning("cannot lock %s (%s): make sure no other process writes %s at the "
+                           "same time", self.path, exc.strerror, self.what)
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._key is None:
+            return
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self._key]
+            os.close(held[0])  # closing the only descriptor releases the lock
+        self._key = None
+
+
+#: The locks this process holds: resolved lock path -> [descriptor, nesting depth].
+_HELD: Dict[str, List[int]] = {}
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs that can be written; leftovers
+# --------------------------------------------------------------------------------------------
+
+def check_output_dir(folder: PathLike, what: str) -> None:
+    """Raise :class:`OutputError` unless the folder ``folder`` exists or can be created, and
+    files can be created in it: the nearest existing folder on its path is asked to hold a
+    (hidden, at once removed) probe file. Nothing else is created."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == folder else f"lies under {probe}, which is"
+        raise OutputError(f"{what} {folder}: {where} a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".awd-write-check.", suffix=".tmp", dir=probe)
+    except OSError as exc:
+        raise OutputError(f"{what} {folder}: cannot write in {probe} "
+                          f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_file(path: PathLike, what: str) -> None:
+    """Raise :class:`OutputError` unless the file ``path`` can be written (see
+    :func:`check_output_dir` for its folder); an existing folder of that name is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a folder, not a file")
+    check_output_dir(path.parent, what)
+
+
+#: The temporary files of :func:`awd_nonnormal.checkpoint.atomic_write`: ``.{name}.{8 chars}.tmp``.
+_TMP_RE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: PathLike, owns=lambda name: True) -> List[Path]:
+    """Remove the temporary files an interrupted atomic write left in ``folder`` for the files
+    ``owns(name)`` accepts; returns them. Call it holding the run's lock (no writer is running)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TMP_RE.fullmatch(entry.name)
+        if m and owns(m.group("name")) and entry.is_file():
+            try:
+                entry.unlink()
+            except OSError as exc:
+                logger.warning("cannot remove the leftover %s: %s", entry, exc.strerror)
+                continue
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted write in %s",
+                    len(removed), folder)
+    return removed

@@ -10,6 +10,7 @@ import torch
 
 from awd_nonnormal import init as I
 from awd_nonnormal.checkpoint import load_checkpoint
+from awd_nonnormal.runs import LOCK_FILE
 from awd_nonnormal.tasks import data as D
 from awd_nonnormal.tasks import train as T
 
@@ -88,7 +89,7 @@ def test_run_folder_checkpoint_and_finished_run(tmp_path):
     run = tmp_path / "run"
     out = T.train(c, run, OPTS)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [T.CONFIG_FILE, T.METRICS_FILE, T.CHECKPOINT_FILE, T.RESULT_FILE])
+        [LOCK_FILE, T.CONFIG_FILE, T.METRICS_FILE, T.CHECKPOINT_FILE, T.RESULT_FILE])
     cfg = json.loads((run / T.CONFIG_FILE).read_text())
     assert cfg["config"] == c.to_dict() and cfg["derived"]["seq_len"] == 25
     assert cfg["derived"]["baseline"] == pytest.approx(D.copy_baseline(25))

@@ -77,6 +77,7 @@ class TaskConfig:
     copy_layout: Optional[str] = None      # copy only: paper | arjovsky
     perm_seed: Optional[Union[int, str]] = None  # psMNIST only: an int, or "run" (= seed)
     mnist_val: Optional[str] = None        # psMNIST only: test | holdout
+    data_fingerprint: Optional[str] = None  # psMNIST only: the IDX files' content (mnist_fingerprint)
 
     def __post_init__(self) -> None:
         init = InitOptions.from_dict(self.init)
@@ -129,7 +130,12 @@ class Task:
         task-specific ones); settings of other tasks are dropped, so equal runs get equal
         configs. Raises :class:`TaskError`."""
         c["T"] = _positive_int("T", self.default_T if c.get("T") is None else c["T"])
-        c["copy_layout"] = c["perm_seed"] = c["mnist_val"] = None
+        c["copy_layout"] = c["perm_seed"] = c["mnist_val"] = c["data_fingerprint"] = None
+
+    def fingerprint(self, config: "TaskConfig", options: "RunOptions") -> Optional[str]:
+        """The identity of the data the run reads from outside (None: the data are generated
+        from the run seed, so the config alone decides them)."""
+        return None
 
     def seq_len(self, config: TaskConfig) -> int:
         """Number of steps the network runs."""
@@ -201,8 +207,9 @@ class PsMnistTask(Task):
         if c.get("T") not in (None, D.MNIST_PIXELS):
             raise TaskError(f"task {self.name} has a fixed length of {D.MNIST_PIXELS} steps; "
                             f"--T does not apply")
-        perm_seed, mnist_val = c.get("perm_seed"), c.get("mnist_val")
+        perm_seed, mnist_val, data = c.get("perm_seed"), c.get("mnist_val"), c.get("data_fingerprint")
         super().settle({**c, "T": D.MNIST_PIXELS})
+        c["data_fingerprint"] = data
         c["T"], c["copy_layout"] = D.MNIST_PIXELS, None
         c["perm_seed"] = _parse_perm_seed(perm_seed)
         c["mnist_val"] = mnist_val or "test"
@@ -212,6 +219,10 @@ class PsMnistTask(Task):
 
     def seq_len(self, config: TaskConfig) -> int:
         return D.MNIST_PIXELS
+
+    def fingerprint(self, config, options):
+        splits = ("train", "t10k") if config.mnist_val == "test" else ("train",)
+        return D.mnist_fingerprint(options.mnist_dir, splits)
 
     def baseline(self, config: TaskConfig) -> float:
         return D.psmnist_baseline()

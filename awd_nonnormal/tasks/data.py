@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ __all__ = [
     "copy_total_length", "copy_baseline", "copy_symbols", "copy_sequences", "copy_batch",
     "one_hot", "addition_baseline", "addition_parts", "addition_sequences", "addition_batch",
     "MNIST_PIXELS", "DEFAULT_PERM_SEED", "psmnist_baseline", "pixel_permutation", "permute_pixels",
-    "IDXError", "read_idx", "find_idx_file", "load_mnist", "derive_seed", "generator",
+    "IDXError", "read_idx", "find_idx_file", "load_mnist", "mnist_fingerprint", "derive_seed", "generator",
     "CopySet", "AdditionSet", "MnistSet", "mnist_sets",
 ]
 
@@ -290,6 +291,40 @@ def load_mnist(folder: PathLike, split: str) -> Tuple[Tensor, Tensor]:
     if labels.numel() and int(labels.max()) > 9:
         raise IDXError(f"{lab_path}: label {int(labels.max())} out of range 0..9")
     return images.reshape(-1, MNIST_PIXELS), labels.long()
+
+
+#: (path, size, mtime_ns) -> SHA-256 of the file's data: a file is hashed once per process.
+_DIGESTS: Dict[Tuple[str, int, int], str] = {}
+
+
+def _idx_digest(path: Path) -> str:
+    """SHA-256 of the IDX data in ``path`` (decompressed for ``.gz``, so a gzipped copy and a
+    raw one of the same file have the same digest)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        hasher = hashlib.sha256()
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    hasher.update(block)
+        except (OSError, EOFError) as exc:
+            raise IDXError(f"{path}: cannot read ({exc}); {GETDATA_HINT}") from None
+        _DIGESTS[key] = hasher.hexdigest()
+    return _DIGESTS[key]
+
+
+def mnist_fingerprint(folder: PathLike, splits: Sequence[str] = ("train", "t10k")) -> str:
+    """The identity of the MNIST data a run reads: SHA-256 over the digests of the images and
+    labels of ``splits`` in ``folder`` (see :func:`_idx_digest`). Raises :class:`IDXError` for a
+    missing file."""
+    digests = {}
+    for split in splits:
+        for kind in ("images-idx3", "labels-idx1"):
+            stem = f"{split}-{kind}-ubyte"
+            digests[stem] = _idx_digest(find_idx_file(folder, stem))
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode("ascii")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,15 @@ Everything random is drawn from generators seeded from the run seed
 sets (generated once, as the paper did), and the shuffling of each epoch (seeded by the epoch).
 So a run stopped after any batch and resumed from its checkpoint continues exactly as if it had
 not stopped. Non-finite values follow the policy of :mod:`awd_nonnormal.runs`: a step whose
-gradient norm overflows is skipped, a full epoch of those in a row or a non-finite loss ends the
-run as ``diverged``.
+gradient norm overflows is skipped, a full epoch of those in a row, a non-finite loss or a
+validation loss above :data:`~awd_nonnormal.runs.DIVERGED_FACTOR` times the random baseline ends
+the run as ``diverged``, and its checkpoint stays the last good state (a new run saves its
+initial state first, so there always is one).
+
+A run holds its folder's lock (:class:`~awd_nonnormal.runs.RunLock`, ``.lock``) while it runs;
+a second process that wants the same folder is refused. A psMNIST run's config records the
+content fingerprint of the IDX files it reads (``data_fingerprint``), so the same command on other
+data is another run.
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
 from ..init import INIT_PARAMS, check_init
 from ..progress import progress_bar
 from ..rnn import RNN
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, Diverged,
-                    GracefulInterrupt, MetricsLog, NonFiniteGuard, differences, is_finished,
-                    read_json, read_metrics, read_result, write_json)
+from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, METRICS_FILE,
+                    RESULT_FILE, Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, RunLock,
+                    differences, is_finished, read_json, read_metrics, read_result,
+                    remove_stale_temporaries, write_json)
 from ..utils import resolve_device
 from . import data as D
 from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTION, TASKS,
@@ -64,7 +72,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "identify_data", "run_lock", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -137,8 +145,11 @@ def init_label(config: TaskConfig) -> str:
 def flat_config(config: TaskConfig) -> Dict[str, Any]:
     """The config in the flat form of the first schema (``init`` a spec, ``init_scale`` ...,
     ``init_plugins``): the names of the command-line flags, and what the folder-name hash has
-    always been taken of, so that a run keeps its folder."""
+    always been taken of, so that a run keeps its folder. ``data_fingerprint`` is left out when
+    it is None (tasks whose data are generated), so only psMNIST folder names took it in."""
     d = config.to_dict()
+    if d.get("data_fingerprint") is None:
+        d.pop("data_fingerprint", None)
     init = d.pop("init")
     d["init"] = init["spec"]
     d.update({f"init_{k}": init["params"].get(k) for k in INIT_PARAMS})
@@ -196,13 +207,51 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
     return config
 
 
-def check_run_dir(run_dir: Path, config: TaskConfig) -> None:
-    """Raise :class:`RunConflict` if ``run_dir`` holds a run of another config."""
+def identify_data(config: TaskConfig, options: RunOptions) -> TaskConfig:
+    """``config`` with the fingerprint of the data it reads (psMNIST: the IDX files in
+    ``options.mnist_dir``; other tasks generate theirs and are returned as they are). A config
+    that records other data than the folder holds is refused (:class:`TaskError`)."""
+    found = get_task(config.task).fingerprint(config, options)
+    if found is None or config.data_fingerprint == found:
+        return config
+    if config.data_fingerprint is not None:
+        raise TaskError(f"the run was made on other data (fingerprint {config.data_fingerprint[:12]}) "
+                        f"than the files in {options.mnist_dir} (fingerprint {found[:12]}); point "
+                        f"--mnist-dir at the run's data, or start another run")
+    return dataclasses.replace(config, data_fingerprint=found)
+
+
+def adopt_unknown_data(stored: Dict[str, Any], config: TaskConfig, where: Any) -> TaskConfig:
+    """A run stored before runs recorded their data (``data_fingerprint`` null) is taken to be of
+    the data in use, with a warning, when the rest of its config agrees: ``config`` then gets the
+    stored (unknown) fingerprint, so that the old run goes on as it was."""
+    wanted = config.to_dict()
+    if (stored.get("data_fingerprint") is None and wanted.get("data_fingerprint") is not None
+            and {**stored, "data_fingerprint": wanted["data_fingerprint"]} == wanted):
+        logger.warning("%s records no data fingerprint (it was made before runs recorded one): "
+                       "its data are unknown and taken to be those in use now", where)
+        return dataclasses.replace(config, data_fingerprint=None)
+    return config
+
+
+def check_run_dir(run_dir: Path, config: TaskConfig) -> TaskConfig:
+    """The config to run in ``run_dir``: ``config``, or the stored one of a run made before
+    data fingerprints (:func:`adopt_unknown_data`). Raise :class:`RunConflict` if ``run_dir``
+    holds a run of another config."""
     stored = stored_config(run_dir)
-    if stored is not None and stored != config.to_dict():
+    if stored is None:
+        return config
+    config = adopt_unknown_data(stored, config, run_dir)
+    if stored != config.to_dict():
         diff = "; ".join(differences(_flat(stored), _flat(config.to_dict())))
         raise RunConflict(f"{run_dir} holds a run with another config ({diff}); choose another "
                           f"output folder, or continue that run with --resume")
+    return config
+
+
+def run_lock(run_dir: Union[str, Path]) -> RunLock:
+    """The lock of the run folder ``run_dir`` (``with run_lock(d): ...``)."""
+    return RunLock(Path(run_dir) / LOCK_FILE, f"the run folder {run_dir}")
 
 
 def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -322,6 +371,7 @@ class Trainer:
                                                     "derived": self.derived, "arch": self.arch})
             self.initial_rnn = {f"rnn.{k}": v.detach().cpu().clone()
                                 for k, v in self.model.rnn.state_dict().items()}
+            self.save()  # the initial state: the last good one until an epoch ends
         self.metrics_log.reset(self.metrics)
         if self.metrics and self.metrics[-1]["val_loss"] < self.config.stop_loss:
             self.status = "converged"
@@ -404,9 +454,10 @@ class Trainer:
         self.epoch, self.position = self.epoch + 1, 0
         self.loss_sum, self.loss_count, self.epoch_time = 0.0, 0, 0.0
         try:
-            self.guard.check_loss(val["loss"], "validation loss", f"epoch {self.epoch}")
+            self.guard.check_loss(val["loss"], "validation loss", f"epoch {self.epoch}",
+                                  limit=DIVERGED_FACTOR * self.baseline)
         except Diverged as exc:
-            self.status, self.message = "diverged", str(exc)
+            self._diverge(str(exc))
             return
         if val["loss"] < self.config.stop_loss:
             self.status = "converged"
@@ -430,9 +481,22 @@ class Trainer:
             result["val_acc"] = metrics[-1].get("val_acc") if metrics and status != "diverged" else None
         if self.message:
             result["message"] = self.message
-        self.save(result)
+        if status == "diverged":
+            self._keep_last_good(result)
+        else:
+            self.save(result)
         write_json(self.run_dir / RESULT_FILE, result)
         return result
+
+    def _keep_last_good(self, result: Dict[str, Any]) -> None:
+        """Add the result to the checkpoint as it is: the weights in memory are the diverged
+        ones, the checkpoint holds the last good state."""
+        ckpt = load_checkpoint(self.ckpt_path, kind="task")
+        extra = {k: v for k, v in ckpt.items()
+                 if k not in ("format", "version", "kind", "arch", "config", "model")}
+        extra["result"] = result
+        save_checkpoint(self.ckpt_path, kind="task", arch=ckpt["arch"], config=ckpt["config"],
+                        model=ckpt["model"], **extra)
 
     def fit(self) -> Dict[str, Any]:
         """Train until the epoch limit, convergence or divergence; returns the result. Ctrl-C
@@ -473,16 +537,23 @@ def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = R
     message in the result. Ctrl-C (SIGINT) stops after the current batch, saves a checkpoint that
     resumes exactly and re-raises :class:`KeyboardInterrupt`. ``on_batch(epoch, batch, loss)``
     is called after every batch (0-based epoch and batch; for tests and tools).
+
+    The data's fingerprint joins the config first (:func:`identify_data`); the folder is locked
+    for the whole call (:class:`~awd_nonnormal.runs.RunLocked` if another process has it), and
+    temporary files that a killed write left in it are removed.
     """
     run_dir = Path(out_dir)
-    check_run_dir(run_dir, config)
-    done = read_result(run_dir)
-    if done is not None:
-        logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
-        return RunOutcome(run_dir, done, skipped=True, metrics=read_metrics(run_dir))
-    trainer = Trainer(config, run_dir, options, on_batch)
-    trainer.start()
-    result = trainer.fit()
+    config = identify_data(config, options)
+    with run_lock(run_dir):
+        remove_stale_temporaries(run_dir)
+        config = check_run_dir(run_dir, config)
+        done = read_result(run_dir)
+        if done is not None:
+            logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
+            return RunOutcome(run_dir, done, skipped=True, metrics=read_metrics(run_dir))
+        trainer = Trainer(config, run_dir, options, on_batch)
+        trainer.start()
+        result = trainer.fit()
     return RunOutcome(run_dir, result, resumed_from=trainer.resumed_from, metrics=trainer.metrics)
 
 
