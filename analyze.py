@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from awd_nonnormal import cli
+from awd_nonnormal.runs import check_output_dir, check_output_file
 from awd_nonnormal.posthoc import (CHECKPOINT_PATTERNS, DEFAULT_GROUP_BY, HEATMAP_CHOICES, HEATMAP_ORDERS,
                                    AnalysisError, PosthocConfig, format_table, run)
 
@@ -131,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _report(args: argparse.Namespace, cfg: PosthocConfig) -> int:
+    if cfg.figures or cfg.json_path is None:
+        check_output_dir(cfg.out, "--out")
+    if cfg.json_path is not None:
+        check_output_file(cfg.json_path, "--json")
     report = run(args.checkpoints, cfg)
     try:
         _print_report(report)

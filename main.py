@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=d.log_interval, metavar="N", help="batches between log lines")
     g.add_argument("--save", default=None,
                    help="best-model checkpoint path DIR/NAME.pt; NAME.latest.pt and NAME.metrics.jsonl go "
-                        "beside it. Not given (%(default)s): runs/<date-time>/model.pt, or beside the "
-                        "--resume file when resuming")
+                        "beside it. Not given (%(default)s): runs/<date-time>-<pid>/model.pt, or beside "
+                        "the --resume file when resuming")
     g.add_argument("--alpha", type=float, default=d.alpha, help="activation regularisation (AR) weight")
     g.add_argument("--beta", type=float, default=d.beta, help="temporal activation regularisation (TAR) weight")
     g.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
@@ -165,7 +166,10 @@ def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfi
 
 
 def _default_save() -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """runs/<date-time>-<pid>/model.pt: two runs started in the same second on one machine have
+    different process ids, so they never share a folder (and the run lock refuses a second
+    writer anyway)."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     folder, n = Path("runs") / stamp, 1
     while folder.exists():
         n += 1

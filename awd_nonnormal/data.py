@@ -41,7 +41,8 @@ import torch
 
 __all__ = [
     "CACHE_VERSION", "EOS", "SPLITS", "KNOWN_CORPORA", "DataError", "Dictionary", "Corpus",
-    "load_corpus", "tokenize_file", "vocab_fingerprint", "batchify", "get_batch", "check_vocab",
+    "load_corpus", "tokenize_file", "vocab_fingerprint", "data_fingerprint", "batchify",
+    "get_batch", "check_vocab", "check_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ class Corpus:
     """A tokenised corpus: the shared vocabulary and one 1-D ``torch.long`` id tensor per split.
 
     ``fingerprint`` is :func:`vocab_fingerprint` of the vocabulary; a checkpoint stores it so that
-    :func:`check_vocab` can tell whether its token ids mean the same words. ``path`` is the
-    corpus folder (for messages).
+    :func:`check_vocab` can tell whether its token ids mean the same words. ``data`` is
+    :func:`data_fingerprint` of the three files' bytes (the text itself: "" when unknown).
+    ``path`` is the corpus folder (for messages).
     """
 
     dictionary: Dictionary
@@ -113,6 +115,14 @@ class Corpus:
     test: torch.Tensor
     fingerprint: str
     path: str = ""
+    data: str = ""
+
+
+def data_fingerprint(digests: Dict[str, str]) -> str:
+    """SHA-256 (hex) over the SHA-256 digests of the split files (``{split: digest}``): the
+    identity of the corpus's text, whatever folder it lies in."""
+    record = {s: digests[s] for s in SPLITS}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("ascii")).hexdigest()
 
 
 def vocab_fingerprint(idx2word: List[str]) -> str:
@@ -377,7 +387,8 @@ def load_corpus(path: PathLike, cache: bool = True) -> Corpus:
     root = folder / CACHE_DIR
     if cache:
         try:
-            key = _cache_key({s: _file_sha256(p) for s, p in files.items()})
+            digests = {s: _file_sha256(p) for s, p in files.items()}
+            key = _cache_key(digests)
         except OSError as e:
             raise DataError(f"cannot read corpus {folder}: {e}") from e
         entry = root / key
@@ -392,7 +403,8 @@ def load_corpus(path: PathLike, cache: bool = True) -> Corpus:
                 log.info("loaded corpus %s from its cache %s (%d tokens in the vocabulary)",
                          folder, entry, len(dictionary))
                 return Corpus(dictionary, splits["train"], splits["valid"], splits["test"],
-                              vocab_fingerprint(dictionary.idx2word), str(folder))
+                              vocab_fingerprint(dictionary.idx2word), str(folder),
+                              data_fingerprint(digests))
 
     log.info("tokenising corpus %s", folder)
     start = time.perf_counter()
@@ -401,7 +413,7 @@ def load_corpus(path: PathLike, cache: bool = True) -> Corpus:
     for split, file in files.items():
         splits[split], digests[split] = tokenize_file(file, dictionary)
     corpus = Corpus(dictionary, splits["train"], splits["valid"], splits["test"],
-                    vocab_fingerprint(dictionary.idx2word), str(folder))
+                    vocab_fingerprint(dictionary.idx2word), str(folder), data_fingerprint(digests))
     log.info("tokenised corpus %s in %.1f s: %d tokens in the vocabulary; train / valid / test "
              "%d / %d / %d tokens", folder, time.perf_counter() - start, len(dictionary),
              len(corpus.train), len(corpus.valid), len(corpus.test))
@@ -437,6 +449,22 @@ def check_vocab(corpus: Corpus, fingerprint: str, where: str,
             f"{corpus.path or '(unnamed)'} ({len(corpus.dictionary)} tokens): its token ids "
             f"mean other words; use the corpus it was trained on (fingerprint {fingerprint[:12]} "
             f"vs {corpus.fingerprint[:12]})")
+
+
+def check_data(corpus: Corpus, fingerprint: Optional[str], where: str) -> None:
+    """DataError unless ``fingerprint`` (a checkpoint's ``data_fingerprint``) is the corpus's
+    text (:func:`data_fingerprint`): a resumed run must go on on the text it started on. A
+    checkpoint without one (written before they were recorded) is let through with a warning."""
+    if not fingerprint:
+        log.warning("checkpoint %s records no data fingerprint (written before checkpoints "
+                    "recorded one): its text is unknown and taken to be corpus %s", where,
+                    corpus.path or "(unnamed)")
+        return
+    if corpus.data and fingerprint != corpus.data:
+        raise DataError(f"checkpoint {where} was trained on another text than corpus "
+                        f"{corpus.path or '(unnamed)'} (data fingerprint {fingerprint[:12]} vs "
+                        f"{corpus.data[:12]}): resume it on the corpus it started on, or start a "
+                        f"new run")
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import Corpus, batchify, check_vocab, get_batch, load_corpus
+from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
-                   RunExistsError, check_resume)
+                   RunExistsError, RunLock, check_output_file, check_resume,
+                   remove_stale_temporaries)
 from .progress import progress_bar
 from .utils import check_seed, resolve_device, seed_everything
 
@@ -200,10 +202,23 @@ class RunPaths:
         stem = best.name[:-3] if best.name.endswith(".pt") else best.name
         return cls(best, best.with_name(f"{stem}.latest.pt"), best.with_name(f"{stem}.metrics.jsonl"))
 
+    @property
+    def stem(self) -> str:
+        return self.best.name[:-3] if self.best.name.endswith(".pt") else self.best.name
+
     def snapshot(self, epoch: int) -> Path:
         """DIR/NAME.e{epoch}.pt: the model before a ``--when`` learning-rate division."""
-        stem = self.best.name[:-3] if self.best.name.endswith(".pt") else self.best.name
-        return self.best.with_name(f"{stem}.e{epoch}.pt")
+        return self.best.with_name(f"{self.stem}.e{epoch}.pt")
+
+    @property
+    def lock(self) -> Path:
+        """DIR/.NAME.lock: the run's lock file (:class:`~awd_nonnormal.runs.RunLock`)."""
+        return self.best.with_name(f".{self.stem}.lock")
+
+    def owns(self, name: str) -> bool:
+        """Whether the file ``name`` in DIR is one of this run's."""
+        stem = re.escape(self.stem)
+        return re.fullmatch(rf"{stem}\.(pt|latest\.pt|metrics\.jsonl|e\d+\.pt)", name) is not None
 
 
 @dataclass
@@ -385,6 +400,7 @@ class Trainer:
             "config": {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict()},
             "initial_rnn": self.initial_rnn,
             "vocab_fingerprint": self.corpus.fingerprint,
+            "data_fingerprint": self.corpus.data,
             "metrics": list(self.state.metrics),
             "non_finite": self.guard.state(),
         }
@@ -705,6 +721,11 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     :func:`merge_resume_config`). Raises DataError, CheckpointError, InitSpecError (a ValueError)
     or an :class:`LMError` with a one-line reason; nothing is written before the inputs are
     checked. After Ctrl-C the latest state is saved and the best model so far is tested.
+
+    Before the corpus is read, ``save``'s folder is checked to be writable and the run is locked
+    (``DIR/.NAME.lock``; :class:`~awd_nonnormal.runs.RunLocked` if another process has it);
+    temporary files that a killed write of this run left are removed. A resumed run must go on
+    on the text it started on (the checkpoint's ``data_fingerprint``).
     """
     ckpt = None
     if resume is not None:
@@ -724,6 +745,15 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     except ValueError as exc:
         raise LMError(str(exc)) from None
     paths = RunPaths.from_save(train_cfg.save)
+    check_output_file(paths.best, "--save")
+    with RunLock(paths.lock, f"the run {paths.best}"):
+        remove_stale_temporaries(paths.best.parent, owns=paths.owns)
+        return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths)
+
+
+def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[Dict[str, Any]],
+                resume: Optional[str], device: torch.device, paths: RunPaths) -> RunResult:
+    """:func:`run` from the point where the run holds its lock."""
     own = ckpt is not None and Path(resume).resolve() == paths.latest.resolve()
     if not own and not train_cfg.overwrite:
         existing = [str(p) for p in (paths.best, paths.latest) if p.exists()]
@@ -733,6 +763,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     corpus = load_corpus(train_cfg.data)
     if ckpt is not None:
         check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(resume), ntokens=model_cfg.ntoken)
+        check_data(corpus, ckpt.get("data_fingerprint"), str(resume))
     model_cfg = dataclasses.replace(model_cfg, ntoken=len(corpus.dictionary))
     logger.info("corpus %s: %d tokens in the vocabulary; train / valid / test %d / %d / %d tokens",
                 train_cfg.data, len(corpus.dictionary), len(corpus.train), len(corpus.valid), len(corpus.test))

@@ -335,17 +335,24 @@ class RunLock:
     """``with RunLock(path, what):`` holds an exclusive ``flock`` on the file ``path`` (created
     if missing, with its folder) for the block; :class:`RunLocked` if another process holds it.
     ``what`` names the run in the message. Without ``fcntl``, or on a file system that refuses
-    locks, a warning and no lock."""
+    locks, a warning and no lock. A block that ends in an exception removes the lock file and
+    the folders it created when nothing else was written there, so a refused input leaves
+    nothing behind."""
 
     def __init__(self, path: PathLike, what: str) -> None:
         self.path, self.what = Path(path), what
         self._key: Optional[str] = None
+        self._created: List[Path] = []
 
     def __enter__(self) -> "RunLock":
         if fcntl is None:
             logger.warning("no file locks on this platform: make sure no other process writes "
                            "%s at the same time", self.what)
             return self
+        missing = self.path.parent
+        while not missing.exists() and missing.parent != missing:
+            self._created.append(missing)
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _HELD:  # this process holds it already (an outer block): nested, not refused
@@ -378,8 +385,21 @@ class RunLock:
         held[1] -= 1
         if held[1] == 0:
             del _HELD[self._key]
+            if exc[0] is not None and self._created:
+                self._remove_created()
             os.close(held[0])  # closing the only descriptor releases the lock
         self._key = None
+
+    def _remove_created(self) -> None:
+        """Undo the folders of a run that wrote nothing (still holding the lock)."""
+        try:
+            if any(p.name != self.path.name for p in self.path.parent.iterdir()):
+                return
+            self.path.unlink()
+            for folder in self._created:  # deepest first; stop at one that is not empty
+                folder.rmdir()
+        except OSError:
+            pass
 
 
 #: The locks this process holds: resolved lock path -> [descriptor, nesting depth].

@@ -18,6 +18,7 @@ the same command again to continue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,7 +27,7 @@ import torch
 
 from .. import cli
 from ..init import INIT_PARAMS, add_init_arguments
-from ..runs import check_resume
+from ..runs import check_output_dir, check_resume
 from . import data as D
 from . import ensemble as E
 from . import rules
@@ -179,7 +180,10 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def _train_config(args: argparse.Namespace) -> tuple:
+def _train_config(args: argparse.Namespace, options: T.RunOptions,
+                  stack: contextlib.ExitStack) -> tuple:
+    """The config and folder of the run; a resumed run's folder is locked on ``stack`` first
+    (extending it writes there)."""
     kw = _task_kwargs(args)
     for name in ("init", "lr", "seed") + tuple(f"init_{k}" for k in INIT_PARAMS):
         if getattr(args, name) is not None:
@@ -187,17 +191,19 @@ def _train_config(args: argparse.Namespace) -> tuple:
     if args.resume:
         if not args.out:
             raise T.TaskError("--resume needs --out, the folder of the run to continue")
+        stack.enter_context(T.run_lock(args.out))
         stored = T.stored_config(args.out)
         if stored is None:
             raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
-        config = T.config_from_dict(stored)
+        config = T.adopt_unknown_data(stored, T.identify_data(T.config_from_dict(stored), options),
+                                      args.out)
         # a larger --epochs extends the run, finished or not
         merged = check_resume(T.flat_config(config), kw, may_change={"epochs"},
                               where=f"the run in {args.out}")
         if merged["epochs"] != config.epochs:
             config = T.extend_run(args.out, merged["epochs"])
         return config, Path(args.out)
-    config = T.make_config(**kw)
+    config = T.identify_data(T.make_config(**kw), options)
     out = Path(args.out) if args.out else Path("runs") / "tasks" / T.run_name(config)
     return config, out
 
@@ -224,9 +230,12 @@ def _print_run_summary(outcome: "T.RunOutcome") -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config, out = _train_config(args)
-    _set_threads(args.threads)
-    outcome = T.train(config, out, _options(args, progress=not args.no_progress))
+    options = _options(args, progress=not args.no_progress)
+    check_output_dir(args.out or Path("runs") / "tasks", "--out")
+    with contextlib.ExitStack() as stack:
+        config, out = _train_config(args, options, stack)
+        _set_threads(args.threads)
+        outcome = T.train(config, out, options)
     _print_run_summary(outcome)
     return cli.EXIT_DIVERGED if outcome.result.get("status") == "diverged" else cli.EXIT_OK
 
@@ -262,11 +271,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise T.TaskError(f"--workers must be a positive integer, got {args.workers}")
     ensemble = "auto" if args.ensemble == "auto" else E.check_members_count(args.ensemble)
+    options = _options(args, progress=False)
+    if not args.dry_run:
+        check_output_dir(out, "--out")
+    base["data_fingerprint"] = T.get_task(base.get("task", "copy")).fingerprint(
+        T.make_config(**base), options)
     plan = S.plan_sweep(grid, base, out)
     if args.dry_run:
         print(S.format_plan(plan))
         return 0
-    options = _options(args, progress=False)
     _set_threads(args.threads)
     S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
                 progress=not args.no_progress, ensemble=ensemble)

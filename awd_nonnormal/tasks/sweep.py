@@ -33,7 +33,7 @@ import numpy as np
 from .. import init as initmod
 from ..analysis import mean_sem
 from ..progress import progress_bar
-from ..runs import json_clean
+from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries
 from ..utils import parse_number
 from . import ensemble as E
 from . import train as T
@@ -403,7 +403,12 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
             old = None
         if old is not None:
             old = upgrade_config_dict(old)  # a sweep from before the rule settings: as it ran
-        if old is not None and old != settings:
+        if (old is not None and old.get("data_fingerprint") is None
+                and settings.get("data_fingerprint") is not None
+                and {**old, "data_fingerprint": settings["data_fingerprint"]} == settings):
+            logger.warning("%s records no data fingerprint (made before sweeps recorded one): its "
+                           "data are unknown and taken to be those in use now", manifest)
+        elif old is not None and old != settings:
             diff = "; ".join(f"{k}: {old.get(k)!r} vs {settings.get(k)!r}"
                              for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
             raise T.RunConflict(f"{out} holds a sweep with other task settings ({diff}); use "
@@ -579,8 +584,18 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
     M > 1 trains the unfinished runs M at a time as one batched model (each worker one
     ensemble at a time); ``"auto"`` picks M for the device (:func:`.ensemble.auto_members`).
     Each run's own progress bar is off. ``on_run_done(run_dir, result, error)`` is called in
-    this process after each run (for tests and tools).
+    this process after each run (for tests and tools). The sweep folder is locked
+    while the sweep runs (a second sweep into it is refused with
+    :class:`~awd_nonnormal.runs.RunLocked`), and every run locks its own folder.
     """
+    with RunLock(plan.out / LOCK_FILE, f"the sweep folder {plan.out}"):
+        remove_stale_temporaries(plan.out)
+        return _run_sweep(plan, options, workers, threads, progress, ensemble, on_run_done)
+
+
+def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: int,
+               progress: bool, ensemble: Union[int, str],
+               on_run_done: Optional[RunHook]) -> Dict[str, Any]:
     from ..checkpoint import atomic_write
     plan.out.mkdir(parents=True, exist_ok=True)
     manifest = {"settings": plan.settings, "grid": plan.grid.to_dict(), "baseline": plan.baseline,
