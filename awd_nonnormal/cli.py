@@ -9,9 +9,11 @@ code  name                   meaning
 ====  =====================  ===================================================================
 0     ok                     done (a task run that reached its epoch limit or converged)
 1     data/checkpoint error  a corpus, MNIST file, checkpoint or run file is missing or unreadable
-2     usage error            a bad flag or value, or flags that disagree with a resumed run
+2     usage error            a bad flag or value, flags that disagree with a resumed run, or
+                             an output that cannot be written (:class:`~.runs.OutputError`)
 3     run exists             the output holds another run (another --save/--out, --resume,
-                             or --overwrite where the command has it)
+                             or --overwrite where the command has it), or another process is
+                             writing it (:class:`~.runs.RunLocked`)
 4     diverged               training ended on a non-finite loss or stuck updates
                              (:mod:`awd_nonnormal.runs`); the last good checkpoint is kept
 130   interrupted            Ctrl-C; the state is saved and the same command continues
