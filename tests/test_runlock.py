@@ -18,7 +18,7 @@ import torch
 
 import analyze
 import main as lm_main
-from awd_nonnormal import cli, lm, runs
+from awd_nonnormal import cli, runs
 from awd_nonnormal.checkpoint import load_checkpoint
 from awd_nonnormal.posthoc import discover
 from awd_nonnormal.tasks import __main__ as tasks_main
@@ -342,6 +342,17 @@ def test_the_same_psmnist_command_on_two_idx_sets_trains_twice(tmp_path, capsys)
     assert len(folders) == 2
     prints = {json.loads((f / T.CONFIG_FILE).read_text())["config"]["data_fingerprint"] for f in folders}
     assert prints == {D.mnist_fingerprint(sets["a"]), D.mnist_fingerprint(sets["b"])}
+
+
+def test_resuming_a_psmnist_run_on_other_data_is_refused(tmp_path, capsys):
+    a, b = _write_mnist(tmp_path / "a", 1), _write_mnist(tmp_path / "b", 2)
+    out = tmp_path / "run"
+    assert _exit(tasks_main.main, [*PSMNIST, "--mnist-dir", str(a), "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["train", "--resume", "--out", str(out), "--epochs", "2", "--no-progress"]
+    assert _exit(tasks_main.main, [*argv, "--mnist-dir", str(b)]) == cli.EXIT_USAGE
+    assert "other data" in _one_line(capsys)
+    assert len(T.read_metrics(out)) == 1 and T.is_finished(out)  # untouched
 
 
 def test_a_psmnist_sweep_on_other_data_is_never_reported_as_done(tmp_path, capsys):

@@ -180,10 +180,14 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def _train_config(args: argparse.Namespace, options: T.RunOptions,
-                  stack: contextlib.ExitStack) -> tuple:
+def _train_config(args: argparse.Namespace, options: Optional[T.RunOptions] = None,
+                  stack: Optional[contextlib.ExitStack] = None) -> tuple:
     """The config and folder of the run; a resumed run's folder is locked on ``stack`` first
-    (extending it writes there)."""
+    (extending it writes there; without a stack, only while this runs)."""
+    options = options or _options(args, progress=False)
+    if stack is None:
+        with contextlib.ExitStack() as own:
+            return _train_config(args, options, own)
     kw = _task_kwargs(args)
     for name in ("init", "lr", "seed") + tuple(f"init_{k}" for k in INIT_PARAMS):
         if getattr(args, name) is not None:
