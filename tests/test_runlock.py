@@ -419,3 +419,20 @@ def test_a_language_model_resumes_only_on_its_own_text(tmp_path, capsys, caplog)
     with caplog.at_level(logging.WARNING):
         assert _exit(lm_main.main, argv) == cli.EXIT_OK
     assert "records no data fingerprint" in caplog.text
+
+
+def test_an_ensemble_locks_every_member_folder(tmp_path):
+    from awd_nonnormal.tasks import ensemble as E
+    configs = [T.make_config(task="copy", T=25, hidden=4, n_train=16, n_val=8, epochs=1, lr=lr)
+               for lr in (1e-3, 2e-3)]
+    dirs = [tmp_path / "e1", tmp_path / "e2"]
+    holder = _hold(dirs[1] / runs.LOCK_FILE)
+    try:
+        with pytest.raises(runs.RunLocked, match="e2"):
+            E.train_ensemble(configs, dirs, T.RunOptions(progress=False, device="cpu"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (dirs[0] / T.CONFIG_FILE).exists()  # refused before anything was written
+    outs = E.train_ensemble(configs, dirs, T.RunOptions(progress=False, device="cpu"))
+    assert [o.result["status"] for o in outs] == ["completed", "completed"]

@@ -26,6 +26,7 @@ learning rate, seed for the weights, the data and their order, clipping) and get
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -39,8 +40,9 @@ from torch.autograd.function import once_differentiable
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
 from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, Diverged,
-                    GracefulInterrupt, MetricsLog, NonFiniteGuard, differences, write_json)
+from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE, RESULT_FILE,
+                    Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
+                    remove_stale_temporaries, write_json)
 from ..utils import resolve_device
 from . import rules
 from . import train as T
@@ -568,7 +570,10 @@ class _Ensemble:
                                  if m.metrics and m.status != "diverged" else None)
         if m.message:
             result["message"] = m.message
-        self.save(i, result)
+        if m.status == "diverged":
+            T.keep_last_good(m.run_dir / CHECKPOINT_FILE, result)
+        else:
+            self.save(i, result)
         write_json(m.run_dir / RESULT_FILE, result)
         return result
 
@@ -583,7 +588,7 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
     """A member ready to train (with its model), or the outcome of a run that had finished; as
     :meth:`.train.Trainer.start` does for one run."""
     task = T.get_task(config.task)
-    T.check_run_dir(run_dir, config)
+    config = T.check_run_dir(run_dir, config)
     done = T.read_result(run_dir)
     if done is not None:
         logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
@@ -671,7 +676,17 @@ def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str
     the batch (for tests and tools).
     """
     run_dirs = [Path(d) for d in run_dirs]
+    configs = [T.identify_data(c, options) for c in configs]
     _check_members(configs, run_dirs)
+    with contextlib.ExitStack() as locks:
+        for run_dir in run_dirs:  # as train() does: one writer per run, no leftovers
+            locks.enter_context(T.run_lock(run_dir))
+            remove_stale_temporaries(run_dir)
+        return _train_ensemble(configs, run_dirs, options, on_batch)
+
+
+def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
+                    options: T.RunOptions, on_batch: Optional[BatchHook]) -> List[T.RunOutcome]:
     device = resolve_device(options.device)
     datasets: Dict[Any, Tuple[Any, Any, Any]] = {}
     outcomes: Dict[int, T.RunOutcome] = {}
@@ -687,6 +702,9 @@ def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str
         index = {id(m): i for i, m, _ in group}
         ensemble = _Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
                              device, datasets)
+        for k, m in enumerate(ensemble.members):  # new runs: the initial state, as train() saves
+            if not (m.run_dir / CHECKPOINT_FILE).exists():
+                ensemble.save(k)
         results = _run(ensemble, on_batch)
         for m, result in results:
             outcomes[index[id(m)]] = T.RunOutcome(m.run_dir, result, resumed_from=m.resumed_from,
@@ -751,9 +769,10 @@ def _end_epoch(ens: _Ensemble, i: int, m: _Member, val: Dict[str, float]) -> boo
     m.epoch, m.position = m.epoch + 1, 0
     m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
     try:
-        m.guard.check_loss(val["loss"], "validation loss", f"epoch {m.epoch}")
+        m.guard.check_loss(val["loss"], "validation loss", f"epoch {m.epoch}",
+                           limit=DIVERGED_FACTOR * m.derived["baseline"])
     except Diverged as exc:
-        m.status, m.message = "diverged", str(exc)
+        _diverge(m, exc)
         return False
     if val["loss"] < m.config.stop_loss:
         m.status = "converged"

@@ -72,7 +72,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "identify_data", "run_lock", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -482,21 +482,11 @@ class Trainer:
         if self.message:
             result["message"] = self.message
         if status == "diverged":
-            self._keep_last_good(result)
+            keep_last_good(self.ckpt_path, result)
         else:
             self.save(result)
         write_json(self.run_dir / RESULT_FILE, result)
         return result
-
-    def _keep_last_good(self, result: Dict[str, Any]) -> None:
-        """Add the result to the checkpoint as it is: the weights in memory are the diverged
-        ones, the checkpoint holds the last good state."""
-        ckpt = load_checkpoint(self.ckpt_path, kind="task")
-        extra = {k: v for k, v in ckpt.items()
-                 if k not in ("format", "version", "kind", "arch", "config", "model")}
-        extra["result"] = result
-        save_checkpoint(self.ckpt_path, kind="task", arch=ckpt["arch"], config=ckpt["config"],
-                        model=ckpt["model"], **extra)
 
     def fit(self) -> Dict[str, Any]:
         """Train until the epoch limit, convergence or divergence; returns the result. Ctrl-C
@@ -523,6 +513,17 @@ class Trainer:
                                self.epoch + 1, self.position)
                 raise
         return self.finish()
+
+
+def keep_last_good(ckpt_path: Path, result: Dict[str, Any]) -> None:
+    """Add a diverged run's ``result`` to its checkpoint as it is: the weights in memory are the
+    diverged ones, the checkpoint holds the last good state."""
+    ckpt = load_checkpoint(ckpt_path, kind="task")
+    extra = {k: v for k, v in ckpt.items()
+             if k not in ("format", "version", "kind", "arch", "config", "model")}
+    extra["result"] = result
+    save_checkpoint(ckpt_path, kind="task", arch=ckpt["arch"], config=ckpt["config"],
+                    model=ckpt["model"], **extra)
 
 
 def train(config: TaskConfig, out_dir: Union[str, Path], options: RunOptions = RunOptions(), *,
