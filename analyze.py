@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar (it is drawn on a terminal only, naming the gate block in hand)")
     cli.add_output_arguments(p, progress=False,
                              verbose_help="log progress (-v) or debugging detail (-vv) on stderr")
+    cli.add_threads_argument(p, help="torch CPU threads for the eigenvalues (default 1; 0: torch's "
+                                     "default, all cores)")
     return p
 
 
@@ -123,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args.verbose, quiet_level=logging.WARNING)
+    cli.set_threads(args.threads)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

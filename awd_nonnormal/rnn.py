@@ -88,10 +88,11 @@ def quiet_cudnn_weight_warning(enabled: bool = True) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # Matrix products. On CPU, PyTorch's torch.mm/addmm call MKL, while oneDNN (which nn.LSTM uses)
-# reaches about twice MKL's float32 throughput on large products on the CPUs measured but costs
-# about 10 us more per call. Each product of the layer therefore goes to oneDNN when its work
-# m*k*n is at least ONEDNN_MIN_WORK and to torch.addmm below; bench/rnn_speed.py times both
-# sides of the threshold and prints whether the rule picked the faster one.
+# reaches about twice MKL's float32 throughput on large products on the CPUs measured (and far
+# more on thin ones, such as a gradient with 10 columns), but costs about 10 us more per call. A
+# product (m, k) x (k, n) therefore goes to oneDNN when its work m*k*n is at least
+# ONEDNN_MIN_WORK, and to torch.addmm below. bench/rnn_speed.py times both backends on both sides
+# of the threshold and prints where the rule picked the slower one, and by how much.
 
 ONEDNN_MIN_WORK = 2**20
 """Smallest m*k*n of an (m, k) x (k, n) float32 product on CPU that ``impl="auto"`` sends to oneDNN."""

@@ -56,6 +56,7 @@ from awd_nonnormal.rnn import (  # noqa: E402
     NONLINEARITIES,
     ONEDNN_MIN_WORK,
     RNN,
+    _uses_onednn,
     layer_path,
     onednn_available,
     rnn_reference,
@@ -207,30 +208,48 @@ def gemm_peak(repeats: int) -> Dict[str, float]:
 
 
 RULE_GRID = [(16, 25), (16, 100), (16, 128), (16, 200), (16, 256), (32, 160), (32, 200), (64, 100),
-             (64, 128), (64, 200), (80, 256), (80, 1150), (128, 128), (256, 64)]
+             (64, 128), (64, 200), (80, 256), (80, 1150), (128, 128), (256, 64), (4096, 20)]
+
+
+def _many(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+    return run
 
 
 def rule_check(repeats: int) -> list:
-    """For each (B, N): median time of one recurrent step product h W^T + u by torch.addmm and by
-    oneDNN (packed weight, add post-op), and the layer's choice. Returns rows of
-    (B, N, addmm s, onednn s, rule says oneDNN)."""
-    lp = torch.ops.mkldnn._linear_pointwise.binary
+    """Both backends on the layer's products, and the rule's choice. Rows of (label, m, k, n,
+    addmm s, oneDNN s, rule says oneDNN): first the recurrent step product h W^T + u for a grid of
+    (B, N) (oneDNN: packed weight, add post-op), then the whole-sequence products of the three
+    benchmark shapes with their operands laid out as the layer passes them (the weight gradients
+    contract over the T*B rows, so both of their operands are transposed)."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    cpu = torch.device("cpu")
     rows = []
     for b, n in RULE_GRID:
         h, u, w = torch.randn(b, n), torch.randn(b, n), torch.randn(n, n) / n**0.5
         packed = torch.ops.mkldnn._reorder_linear_weight(w, b)
         calls = max(20, int(2e8 / (b * n * n)))  # about 0.1 s of work per timing
-
-        def many(fn, calls=calls):
-            def run():
-                for _ in range(calls):
-                    fn()
-            return run
-
         buf = u.clone()
-        t_mm = _best_seconds(many(lambda: buf.copy_(u).addmm_(h, w.t())), repeats) / calls
-        t_dnn = _best_seconds(many(lambda: lp(h, u, packed, None, "add")), repeats) / calls
-        rows.append((b, n, t_mm, t_dnn, layer_path("tanh", b, n, torch.device("cpu"), torch.float32) == "onednn"))
+        t_mm = _best_seconds(_many(lambda: buf.copy_(u).addmm_(h, w.t()), calls), repeats) / calls
+        t_dnn = _best_seconds(_many(lambda: lp.binary(h, u, packed, None, "add"), calls), repeats) / calls
+        rows.append((f"step B={b} N={n}", b, n, n, t_mm, t_dnn, layer_path("tanh", b, n, cpu, torch.float32) == "onednn"))
+    for shape in SHAPES.values():
+        r, n, d = shape.T * shape.B, shape.N, shape.d
+        delta, h, x, w_ih = torch.randn(r, n), torch.randn(r, n), torch.randn(r, d), torch.randn(n, d)
+        products = {  # name: (a, w) for a @ w^T, and (m, k, n)
+            "input projection": ((x, w_ih), (r, d, n)),
+            "grad input": ((delta, w_ih.t()), (r, n, d)),
+            "grad W_ih": ((delta.t(), x.t()), (n, r, d)),
+            "grad W_hh": ((delta.t(), h.t()), (n, r, n)),
+        }
+        for name, ((a, w), (pm, pk, pn)) in products.items():
+            calls = max(3, int(1e8 / (pm * pk * pn)))
+            t_mm = _best_seconds(_many(lambda: torch.mm(a, w.t()), calls), repeats) / calls
+            t_dnn = _best_seconds(_many(lambda: lp(a, w, None, "none", [], ""), calls), repeats) / calls
+            rule = _uses_onednn(pm, pk, pn, "auto", True)
+            rows.append((f"{shape.name} {name}", pm, pk, pn, t_mm, t_dnn, rule))
     return rows
 
 
@@ -336,15 +355,20 @@ def main(argv=None) -> None:
     if cpu_onednn and not args.no_rule:
         rows = rule_check(max(3, args.repeats // 2))
         print()
-        print(f"step product h W^T + u: torch.addmm vs oneDNN; rule: oneDNN when B*N*N >= {ONEDNN_MIN_WORK}")
-        print(f"{'B':>5} {'N':>5} {'B*N*N':>10} {'addmm us':>9} {'oneDNN us':>10} {'faster':>7} {'rule':>7}")
-        agree = 0
-        for b, n, t_mm, t_dnn, rule in rows:
+        print(f"products: torch.addmm vs oneDNN; rule: oneDNN when m*k*n >= {ONEDNN_MIN_WORK}")
+        print(f"{'product':<28} {'m':>6} {'k':>6} {'n':>5} {'addmm us':>10} {'oneDNN us':>10} "
+              f"{'faster':>7} {'rule':>7}")
+        agree, lost = 0, []
+        for label, m, k, n, t_mm, t_dnn, rule in rows:
             faster = "oneDNN" if t_dnn < t_mm else "addmm"
-            agree += faster == ("oneDNN" if rule else "addmm")
-            print(f"{b:5d} {n:5d} {b * n * n:10d} {t_mm * 1e6:9.1f} {t_dnn * 1e6:10.1f} {faster:>7} "
-                  f"{'oneDNN' if rule else 'addmm':>7}")
-        print(f"the rule picked the faster backend on {agree} of {len(rows)} shapes")
+            picked = "oneDNN" if rule else "addmm"
+            agree += faster == picked
+            if faster != picked:
+                lost.append((t_dnn if rule else t_mm) / min(t_mm, t_dnn))
+            print(f"{label:<28} {m:6d} {k:6d} {n:5d} {t_mm * 1e6:10.1f} {t_dnn * 1e6:10.1f} "
+                  f"{faster:>7} {picked:>7}")
+        print(f"the rule picked the faster backend for {agree} of {len(rows)} products"
+              + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
     for name in names:
         shape = SHAPES[name]
         t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive)

@@ -162,7 +162,7 @@ def test_path_choice_is_a_rule_of_the_shape():
     (float32, oneDNN present), torch.addmm otherwise; the same answer every time it is asked."""
     cuda = torch.device("cuda")
     for nl in NONLINEARITIES:
-        for b, n in [(16, 100), (16, 25), (80, 1150), (16, 256), (64, 128), (1, 1)]:
+        for b, n in [(16, 100), (16, 25), (80, 1150), (16, 256), (64, 128), (1, 1), (4096, 20)]:
             big = b * n * n >= ONEDNN_MIN_WORK
             expected = "onednn" if big and HAS_ONEDNN else "addmm"
             answers = {layer_path(nl, b, n, CPU, torch.float32) for _ in range(3)}
