@@ -137,7 +137,8 @@ def peak_memory(step: Callable, device: torch.device) -> float:
     return float(peak)
 
 
-def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, memory: bool, naive: bool):
+def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, memory: bool, naive: bool,
+              quick: bool = False):
     torch.manual_seed(0)
     x = torch.randn(shape.T, shape.B, shape.d, device=device, requires_grad=shape.input_grad)
     grad_out = torch.randn(shape.T, shape.B, shape.N, device=device)
@@ -153,7 +154,7 @@ def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, mem
     impls = ["python"] + (["onednn"] if onednn_available(device, torch.float32) else [])
     for nl, m in ours.items():
         steps[nl] = make_step(m, list(m.parameters()), x, grad_out)
-        for impl in impls + (["fused"] if nl in ("tanh", "relu") else []):
+        for impl in [] if quick else impls + (["fused"] if nl in ("tanh", "relu") else []):
             def forward(inp, m=m, impl=impl):
                 return _with_impl(m, impl, inp)
             steps[f"{nl}:{impl}"] = make_step(forward, list(m.parameters()), x, grad_out)
@@ -316,6 +317,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-rule", action="store_true", help="skip the oneDNN-threshold check (CPU)")
     parser.add_argument("--no-ptb", action="store_true", help="skip the PTB-stack table")
     parser.add_argument("--task-step", action="store_true", help="also time a copy-500 training step (CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="time only nn.RNN and our layer's automatic path (no per-backend times)")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -371,7 +374,7 @@ def main(argv=None) -> None:
               + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
     for name in names:
         shape = SHAPES[name]
-        t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive)
+        t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive, args.quick)
         report(shape, t, mem, device)
     if not args.no_ptb:
         res = ptb_stack(device, max(3, args.repeats // 2), 1)
@@ -408,9 +411,9 @@ def report(shape: Shape, t: Dict[str, float], mem: Dict[str, float], device: tor
         same = f"{t[f'nn.RNN({nl})'] / t[nl]:7.2f}" if nl in ("tanh", "relu") else f"{'-':>7}"
         ratio_mem = f"{mem[nl] / mem['nn.RNN(relu)']:6.2f}" if mem else f"{'-':>6}"
         notes = ", ".join(
-            f"{impl} {t[f'{nl}:{impl}'] * 1e3:.1f}"
+            f"{impl} {t[f'{nl}:{impl}'] * 1e3:.1f} ms"
             for impl in ("python", "onednn", "fused") if f"{nl}:{impl}" in t
-        ) + " ms"
+        )
         if nl in ("tanh", "relu") and mem:
             notes += f"; mem vs nn.RNN({nl}) {mem[nl] / mem[f'nn.RNN({nl})']:.2f}"
         if nl == "elu" and "elu:naive" in t:
