@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only task runs with result.success (validation loss below 50%% of the "
                         "random baseline), as the paper's Table 2 and Figures 5-6 do")
     p.add_argument("--initial", action="store_true",
-                   help="also analyse the initial weights stored in the checkpoint (initial_rnn), shown "
-                        "beside the trained ones")
+                   help="also analyse the initial weights (the run's NAME.initial.pt beside the checkpoint, "
+                        "or initial_rnn inside older checkpoints), shown beside the trained ones")
     p.add_argument("--max-offset", type=_max_offset, default=20, metavar="K",
                    help="profile figures show i - j in [-K, K] (default: %(default)s; 'all' for every "
                         "offset); the JSON always holds the full profile")
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar (it is drawn on a terminal only, naming the gate block in hand)")
     cli.add_output_arguments(p, progress=False,
                              verbose_help="log progress (-v) or debugging detail (-vv) on stderr")
+    cli.add_threads_argument(p, help="torch CPU threads for the eigenvalues (default 1; 0: torch's "
+                                     "default, all cores)")
     return p
 
 
@@ -124,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args.verbose, quiet_level=logging.WARNING)
+    cli.set_threads(args.threads)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
@@ -152,8 +155,8 @@ def _print_report(report) -> None:
           + (f"; {report.secondary} latest/snapshot language-model file(s) left out" if report.secondary else "")
           + (f"; {len(report.skipped)} file(s) skipped (not checkpoints of ours)" if report.skipped else ""))
     if report.missing_initial:
-        print(f"--initial: {len(report.missing_initial)} checkpoint(s) hold no initial weights "
-              f"(initial_rnn), so they have no 'initial' values: {', '.join(report.missing_initial)}")
+        print(f"--initial: {len(report.missing_initial)} checkpoint(s) hold or name no readable "
+              f"initial weights, so they have no 'initial' values: {', '.join(report.missing_initial)}")
     print(f"numbers: {report.json_path}")
     if report.figures:
         print(f"figures: {len(report.figures)} PNG file(s) in {report.figures[0].parent}")

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end the run as diverged after N steps in a row whose gradient norm is not "
                         "finite (each such step is skipped)")
     cli.add_output_arguments(g)
+    cli.add_threads_argument(g)
     return p
 
 
@@ -202,6 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     explicit = explicit_fields(argv)
     cli.setup_logging(args.verbose)
+    cli.set_threads(args.threads)
 
     if args.resume is None:  # a resumed run takes its settings from the checkpoint
         applied = apply_model_defaults(args, explicit)

@@ -17,7 +17,9 @@ Required keys (written by :func:`save_checkpoint`):
 
 Usual optional keys: ``optimizer`` (state_dict), ``epoch``, ``best_val``, ``rng`` (see
 :func:`rng_state`), ``metrics``, ``initial_rnn`` (the recurrent layers' weights at initialisation,
-for before/after analysis) and ``vocab_fingerprint``.
+for before/after analysis) or ``initial_rnn_file`` (the name of a file beside the checkpoint that
+holds them, written once per run by :func:`save_initial`; read either way with
+:func:`load_initial`) and ``vocab_fingerprint``.
 
 Versions: 2 holds the init options nested in the config (``config.init`` or
 ``config.model.init`` = ``{"spec", "params", "zero_bias", "plugins"}``, see
@@ -41,7 +43,8 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "KINDS", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "atomic_write", "rng_state", "set_rng_state"]
+           "load_checkpoint", "save_initial", "load_initial", "atomic_write", "rng_state",
+           "set_rng_state"]
 
 FORMAT = "awd-nonnormal"
 SCHEMA_VERSION = 2
@@ -169,6 +172,42 @@ def _looks_like_torch_file(path: Path) -> bool:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+INITIAL_KIND = "initial"  # the kind of a run's initial-weights file (not a model checkpoint)
+
+
+def save_initial(path: PathLike, initial_rnn: Mapping[str, torch.Tensor]) -> Path:
+    """Write a run's initial recurrent weights once, atomically, for its checkpoints to name in
+    ``initial_rnn_file`` instead of each holding a copy."""
+    payload = {"format": FORMAT, "version": SCHEMA_VERSION, "kind": INITIAL_KIND,
+               "initial_rnn": _to_cpu(initial_rnn)}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_initial(ckpt: Mapping[str, Any], path: PathLike) -> Optional[Dict[str, torch.Tensor]]:
+    """The initial recurrent weights of the checkpoint ``ckpt`` read from ``path``: its own
+    ``initial_rnn`` (checkpoints written before the weights moved to one file per run), else the
+    file its ``initial_rnn_file`` names in the checkpoint's folder; None when it has neither.
+    Raises :class:`CheckpointError` when the named file is missing or not such a file."""
+    embedded = ckpt.get("initial_rnn")
+    if isinstance(embedded, Mapping):
+        return dict(embedded)
+    name = ckpt.get("initial_rnn_file")
+    if not isinstance(name, str) or not name:
+        return None
+    file = Path(path).parent / name
+    if not file.is_file():
+        raise CheckpointError(f"{path}: its initial weights file {file} is missing")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the safe unpickler raises many kinds on junk bytes
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{file}: not a readable initial weights file: {detail}") from None
+    if (not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != INITIAL_KIND
+            or not isinstance(data.get("initial_rnn"), Mapping)):
+        raise CheckpointError(f"{file}: not an awd-nonnormal initial weights file")
+    return dict(data["initial_rnn"])
 
 
 def rng_state() -> Dict[str, Any]:

@@ -28,6 +28,8 @@ import re
 import sys
 from typing import Callable, Optional, Sequence, Tuple, Type
 
+import torch
+
 from .checkpoint import CheckpointError
 from .data import DataError
 from .init import add_init_arguments
@@ -36,7 +38,7 @@ from .utils import DEVICES
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_RUN_EXISTS", "EXIT_DIVERGED",
            "EXIT_INTERRUPTED", "EXIT_CODES", "Parser", "add_device_argument",
-           "add_output_arguments", "add_init_arguments", "setup_logging", "exit_code",
+           "add_output_arguments", "add_threads_argument", "set_threads", "add_init_arguments", "setup_logging", "exit_code",
            "one_line", "run_command", "given_dests", "register_data_error"]
 
 EXIT_OK = 0
@@ -129,6 +131,29 @@ def add_output_arguments(group, *, progress: bool = True, verbose_help: str = "d
     if progress:
         group.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, else a log line per 30 s)")
     group.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads must be an integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 0, got {n}")
+    return n
+
+
+def add_threads_argument(group, help: str = "torch CPU threads (default 1; 0: torch's default, "
+                                             "all cores)") -> None:
+    """``--threads N`` (default 1, as the tasks command: on a shared CPU a second thread of a
+    small or medium product mostly waits for the first; 0 keeps torch's own default)."""
+    group.add_argument("--threads", type=_threads, default=1, metavar="N", help=help)
+
+
+def set_threads(n: int) -> None:
+    """Apply ``--threads``: ``torch.set_num_threads(n)`` for n > 0, nothing for 0."""
+    if n > 0:
+        torch.set_num_threads(n)
 
 
 def setup_logging(verbose: int = 0, quiet_level: int = logging.INFO) -> None:

@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
+                         save_initial, set_rng_state)
 from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
@@ -206,6 +207,11 @@ class RunPaths:
     def stem(self) -> str:
         return self.best.name[:-3] if self.best.name.endswith(".pt") else self.best.name
 
+    @property
+    def initial(self) -> Path:
+        """DIR/NAME.initial.pt: the recurrent weights at initialisation, written once per run."""
+        return self.best.with_name(f"{self.stem}.initial.pt")
+
     def snapshot(self, epoch: int) -> Path:
         """DIR/NAME.e{epoch}.pt: the model before a ``--when`` learning-rate division."""
         return self.best.with_name(f"{self.stem}.e{epoch}.pt")
@@ -218,7 +224,7 @@ class RunPaths:
     def owns(self, name: str) -> bool:
         """Whether the file ``name`` in DIR is one of this run's."""
         stem = re.escape(self.stem)
-        return re.fullmatch(rf"{stem}\.(pt|latest\.pt|metrics\.jsonl|e\d+\.pt)", name) is not None
+        return re.fullmatch(rf"{stem}\.(pt|latest\.pt|initial\.pt|metrics\.jsonl|e\d+\.pt)", name) is not None
 
 
 @dataclass
@@ -372,7 +378,10 @@ class Trainer:
         seed_everything(train_cfg.seed)
         self.bptt_rng = torch.Generator().manual_seed(train_cfg.seed)
         self.model = RNNModel(model_cfg).to(device)
-        self.initial_rnn = self.model.recurrent_state()
+        # The initial recurrent weights go to paths.initial once, before the first checkpoint,
+        # and every checkpoint names that file (initial_rnn_file) instead of holding a copy.
+        self.initial_rnn: Optional[Dict[str, Tensor]] = self.model.recurrent_state()
+        self.initial_saved = False
         # criterion(logits (N, V), targets (N,)) -> mean loss in nats; a module with parameters
         # (e.g. an adaptive or split softmax) is trained with the model.
         self.criterion = (criterion if criterion is not None else nn.CrossEntropyLoss()).to(device)
@@ -395,15 +404,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _common(self) -> Dict[str, Any]:
-        return {
+        common = {
             "arch": self.model.arch(),
             "config": {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict()},
-            "initial_rnn": self.initial_rnn,
             "vocab_fingerprint": self.corpus.fingerprint,
             "data_fingerprint": self.corpus.data,
             "metrics": list(self.state.metrics),
             "non_finite": self.guard.state(),
         }
+        if not self.initial_saved and self.initial_rnn is not None:
+            save_initial(self.paths.initial, self.initial_rnn)
+            self.initial_saved = True
+        if self.initial_saved:
+            common["initial_rnn_file"] = self.paths.initial.name
+        return common
 
     def _save_model(self, path: Path, role: str, epoch: int, val_loss: float,
                     metrics: List[Dict[str, Any]]) -> None:
@@ -435,11 +449,23 @@ class Trainer:
             best_val=st.best_val, best_epoch=st.best_epoch, val_history=list(st.val_history),
             rng=rng_state(), bptt_rng=self.bptt_rng.get_state(), **common)
 
-    def restore(self, ckpt: Mapping[str, Any]) -> None:
-        """Continue from a latest checkpoint (:meth:`save_latest`)."""
+    def restore(self, ckpt: Mapping[str, Any], path: Optional[Path] = None) -> None:
+        """Continue from a latest checkpoint (:meth:`save_latest`) read from ``path``."""
         self.model.load_state_dict(ckpt["model"])
         self.criterion.load_state_dict(ckpt.get("criterion", {}))
-        self.initial_rnn = ckpt["initial_rnn"]
+        # The run's initial weights: embedded in an older checkpoint (written to paths.initial at
+        # the next save), or already in the file it names (kept as it is when that file is
+        # paths.initial, copied there otherwise).
+        named = ckpt.get("initial_rnn_file")
+        if path is not None and named and (Path(path).parent / named).resolve() == self.paths.initial.resolve():
+            self.initial_rnn, self.initial_saved = None, self.paths.initial.is_file()
+        else:
+            try:
+                self.initial_rnn = load_initial(ckpt, path if path is not None else self.paths.latest)
+            except CheckpointError as exc:
+                logger.warning("%s; later checkpoints of this run will name no initial weights", exc)
+                self.initial_rnn = None
+            self.initial_saved = False
         self.optimizer_name = ckpt["optimizer_name"]
         self.optimizer = _make_optimizer(self.optimizer_name, self.params, self.cfg.lr, self.cfg.wdecay)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -770,7 +796,7 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
 
     trainer = Trainer(model_cfg, train_cfg, corpus, device, paths)
     if ckpt is not None:
-        trainer.restore(ckpt)
+        trainer.restore(ckpt, Path(resume))
         trainer.write_metrics_file()
         del ckpt
     elif paths.metrics.exists():  # --overwrite: a new run starts a new metrics file

@@ -55,7 +55,7 @@ from torch import Tensor
 from . import __version__
 from .analysis import (ACTIVATIONS, mean_sem, peak_order, pulse_deviation, shuffled_profiles, spectrum,
                        weight_profile)
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_initial
 from .init import GATES, HH_PATTERN, INIT_PARAMS, recurrent_layers
 from .runs import json_clean, write_text
 from .progress import progress_bar
@@ -352,8 +352,8 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Any]) -> None:
 
 
 #: Top-level entries that are weights or state, not descriptive fields.
-_NOT_FIELDS = frozenset({"format", "version", "model", "optimizer", "rng", "initial_rnn", "position",
-                         "bptt_rng", "metrics", "permutation", "corpus"})
+_NOT_FIELDS = frozenset({"format", "version", "model", "optimizer", "rng", "initial_rnn", "initial_rnn_file",
+                         "position", "bptt_rng", "metrics", "permutation", "corpus"})
 #: Short names whose full name differs between kinds (task, language model) and checkpoint
 #: versions: the first candidate a checkpoint has is taken.
 FIELD_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -628,7 +628,12 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             continue
         logger.info("analysing %s (%d/%d)", where, i + 1, len(candidates))
         initial = None
-        initial_tensors = ckpt.get("initial_rnn")
+        initial_tensors, initial_problem = None, "holds no initial_rnn"
+        if cfg.initial:
+            try:
+                initial_tensors = load_initial(ckpt, cand.path)
+            except CheckpointError as exc:
+                initial_problem = f"has no readable initial weights ({exc})"
         has_initial = isinstance(initial_tensors, Mapping) and bool(initial_tensors)
         try:
             trained = measure_layers(ckpt["model"], ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
@@ -643,7 +648,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             _skip_unless_explicit(cand, exc, report)
             continue
         if cfg.initial and not has_initial:
-            logger.warning("%s holds no initial_rnn: its initial weights cannot be analysed", where)
+            logger.warning("%s %s: its initial weights cannot be analysed", where, initial_problem)
             report.missing_initial.append(where)
         rec = {"path": where, "kind": ckpt["kind"], "arch": json_clean(dict(ckpt["arch"])),
                "result": json_clean(dict(ckpt["result"])) if isinstance(ckpt.get("result"), Mapping) else None,

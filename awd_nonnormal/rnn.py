@@ -12,14 +12,18 @@ PyTorch fuses tanh and relu only (``torch._VF.rnn_tanh`` / ``rnn_relu``, cuDNN o
 copy and psMNIST models use elu, for which plain autograd over a Python loop is slower than the
 fused kernel (5x when the loop indexes a graph tensor per step, see bench/rnn_speed.py; 1.1x-1.8x with
 ``unbind``, see :func:`rnn_reference` and the benchmark), so every activation also has a hand-written
-backpropagation through time (:class:`_RNNLayerFunction`): one ``addmm`` and one in-place
-activation per step forward, one ``addmm`` and one multiply per step backward, and all the
-input-side work (input projections, input and weight gradients) as single large matmuls over the
+backpropagation through time (:class:`_RNNLayerFunction`): one matrix product and one in-place
+activation per step forward, one product and one multiply per step backward, and all the
+input-side work (input projections, input and weight gradients) as single large products over the
 whole sequence. That path is pure Python on top of ``torch`` ops, so it runs on any device.
 
-Which path runs is chosen per call by :func:`rnn` (``impl="auto"``): the fused kernel for tanh and
-relu on CUDA (cuDNN), the hand-written one otherwise. On CPU the hand-written path measured faster
-than PyTorch's own kernel for tanh and relu as well (``bench/rnn_speed.py``), so it is used there.
+Which path runs is chosen per call by :func:`layer_path` (``impl="auto"``), from the nonlinearity,
+the device, the dtype and the shape only:
+
+* CUDA, tanh or relu: PyTorch's fused kernel (cuDNN).
+* otherwise the hand-written loop, whose products go to oneDNN (CPU, float32, work m*k*n of the
+  product at least :data:`ONEDNN_MIN_WORK`) or to ``torch.addmm`` (MKL on CPU, cuBLAS on CUDA).
+  On CPU this beat PyTorch's own kernel for tanh and relu as well (``bench/rnn_speed.py``).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ logger = logging.getLogger(__name__)
 
 NONLINEARITIES = ("tanh", "relu", "elu", "linear")
 RNN_TYPES = ("LSTM", "GRU", "RNN")
-IMPLS = ("auto", "fused", "python")
-"""``auto``: the fastest exact path for the device; ``fused``: PyTorch's kernel (tanh and relu
-only); ``python``: the hand-written backpropagation through time (every activation, any device)."""
+IMPLS = ("auto", "fused", "python", "onednn")
+"""``auto``: the fastest exact path for the device and shape; ``fused``: PyTorch's kernel (tanh and
+relu only); ``python``: the hand-written backpropagation through time with every product by
+``torch.addmm`` (every activation, any device); ``onednn``: the same loop with every product by
+oneDNN (CPU, float32)."""
 
 # Device types on which ``auto`` hands tanh and relu to PyTorch's fused kernel. On CUDA that is
 # cuDNN, which runs the sequence in its own kernels where the hand-written path launches two
@@ -81,19 +87,53 @@ def quiet_cudnn_weight_warning(enabled: bool = True) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations for the hand-written path. The forward pass applies f in place on the step's slice
-# of the output buffer; the backward pass needs f'(z) and gets it from h = f(z) alone, so the
-# pre-activations never have to be stored.
+# Matrix products. On CPU, PyTorch's torch.mm/addmm call MKL, while oneDNN (which nn.LSTM uses)
+# reaches about twice MKL's float32 throughput on large products on the CPUs measured (and far
+# more on thin ones, such as a gradient with 10 columns), but costs about 10 us more per call. A
+# product (m, k) x (k, n) therefore goes to oneDNN when its work m*k*n is at least
+# ONEDNN_MIN_WORK, and to torch.addmm below. bench/rnn_speed.py times both backends on both sides
+# of the threshold and prints where the rule picked the slower one, and by how much.
+
+ONEDNN_MIN_WORK = 2**20
+"""Smallest m*k*n of an (m, k) x (k, n) float32 product on CPU that ``impl="auto"`` sends to oneDNN."""
 
 
-def _elu_(z: Tensor) -> Tensor:
-    return F.elu(z, inplace=True)
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can run this layer's products: CPU, float32, and a PyTorch built with it."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
+
+def _uses_onednn(m: int, k: int, n: int, impl: str, available: bool) -> bool:
+    """Whether the (m, k) x (k, n) product goes to oneDNN under ``impl`` (python/onednn/auto)."""
+    if impl == "onednn":
+        return True
+    return impl == "auto" and available and m * k * n >= ONEDNN_MIN_WORK
+
+
+def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], onednn: bool) -> Tensor:
+    """``a @ w.T + bias`` for a (m, k) and w (n, k), either strided; by oneDNN or torch.addmm."""
+    if onednn:
+        return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+    if bias is None:
+        return torch.mm(a, w.t())
+    return torch.addmm(bias, a, w.t())
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations for the hand-written path. The forward pass applies f in place on the step's
+# hidden state; the backward pass needs f'(z) and gets it from h = f(z) alone, so the
+# pre-activations never have to be stored. F.elu_ is the C function itself (no Python wrapper).
 
 _ACTIVATIONS_IN_PLACE: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
     "tanh": torch.Tensor.tanh_,
     "relu": torch.Tensor.relu_,
-    "elu": _elu_,
+    "elu": F.elu_,
     "linear": None,
 }
 
@@ -101,7 +141,7 @@ _ACTIVATIONS_IN_PLACE: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
 def _derivative_from_output(h: Tensor, nonlinearity: str) -> Optional[Tensor]:
     """f'(z) written in terms of h = f(z), for all steps at once; None for linear (f' = 1)."""
     if nonlinearity == "tanh":
-        return h.mul(h).neg_().add_(1)  # tanh'(z) = 1 - tanh(z)^2
+        return torch.addcmul(h.new_ones(()), h, h, value=-1)  # tanh'(z) = 1 - tanh(z)^2
     if nonlinearity == "relu":
         # relu'(z) = [z > 0] = [h > 0] = sign(h) as h >= 0 (one op, no bool temporary); 0 at the
         # kink, like torch.relu.
@@ -109,7 +149,7 @@ def _derivative_from_output(h: Tensor, nonlinearity: str) -> Optional[Tensor]:
     if nonlinearity == "elu":
         # elu(z) = z for z > 0, exp(z) - 1 otherwise (Clevert et al. 2016, alpha = 1), so
         # elu'(z) = 1 for z > 0 and exp(z) = h + 1 otherwise: both are min(h, 0) + 1.
-        return h.clamp(max=0).add_(1)
+        return torch.clamp_max(h, 0).add_(1)
     return None
 
 
@@ -117,8 +157,15 @@ class _RNNLayerFunction(torch.autograd.Function):
     """One vanilla RNN layer over a whole sequence, with backpropagation through time by hand.
 
     Autograd records a single node for the layer instead of several per step. Inside ``forward``
-    and ``backward`` autograd is off, so per-step work is done in place on slices of plain buffers
-    (no per-step graph nodes, no ``SelectBackward`` zero-filled copies).
+    and ``backward`` autograd is off, so per-step work is done in place on slices of buffers
+    allocated once per sequence (no per-step graph nodes, no ``SelectBackward`` zero-filled
+    copies): two calls per step forward (product, activation) and two
+    backward (product, multiply by f'). All the input-side work (input projections, input and
+    weight gradients) is one large product each over the whole sequence.
+
+    ``impl`` is ``"python"`` (every product by torch.addmm), ``"onednn"`` (every product by
+    oneDNN, the recurrent weight packed once per sequence) or ``"auto"`` (each product by the
+    ``ONEDNN_MIN_WORK`` rule).
     """
 
     @staticmethod
@@ -131,34 +178,49 @@ class _RNNLayerFunction(torch.autograd.Function):
         b_ih: Optional[Tensor],  # (N,)
         b_hh: Optional[Tensor],  # (N,)
         nonlinearity: str,
+        impl: str,
     ) -> tuple[Tensor, Tensor]:
         # Under autocast the loop runs in the weights' dtype: autocast would cast the matmuls
         # but not the in-place steps that follow them.
         with torch.autocast(x.device.type, enabled=False):
-            return _RNNLayerFunction._forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+            return _RNNLayerFunction._forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl)
 
     @staticmethod
-    def _forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    def _forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl):
         T, B, d = x.shape
         N = w_hh.shape[0]
-        # Input projections of every step with one matmul: u_t = W_ih x_t + b_ih + b_hh.
-        # The buffer then holds z_t and, after the activation, h_t: the output (T, B, N).
+        available = onednn_available(x.device, w_hh.dtype)
+        # Input projections of every step with one product: u_t = W_ih x_t + b_ih + b_hh.
         x2 = x.reshape(T * B, d)  # (T*B, d)
-        if b_ih is not None:
-            h = torch.addmm(b_ih + b_hh, x2, w_ih.t())  # (T*B, N)
-        else:
-            h = torch.mm(x2, w_ih.t())  # (T*B, N)
-        h = h.view(T, B, N)
+        bias = b_ih + b_hh if b_ih is not None else None
+        u = _linear(x2, w_ih, bias, _uses_onednn(T * B, d, N, impl, available)).view(T, B, N)
         activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
-        w_hh_t = w_hh.t()  # (N, N); h_{t-1} W_hh^T is W_hh h_{t-1} for row vectors
         h_prev = h0  # (B, N)
-        for h_t in h.unbind(0):  # h_t: (B, N) view into the buffer
-            h_t.addmm_(h_prev, w_hh_t)  # z_t = u_t + W_hh h_{t-1}
-            if activate_ is not None:
-                activate_(h_t)  # h_t = f(z_t)
-            h_prev = h_t
+        if _uses_onednn(B, N, N, impl, available):
+            # z_t = u_t + W_hh h_{t-1} in one oneDNN call (binary add post-op) with W_hh packed
+            # for B rows once per sequence; each call returns a new (B, N) tensor, gathered by
+            # one copy at the end.
+            linear_add = torch.ops.mkldnn._linear_pointwise.binary
+            w_packed = torch.ops.mkldnn._reorder_linear_weight(w_hh, B)
+            steps = []
+            for u_t in u.unbind(0):  # u_t: (B, N)
+                h_prev = linear_add(h_prev, u_t, w_packed, None, "add")  # z_t
+                if activate_ is not None:
+                    activate_(h_prev)  # h_t = f(z_t)
+                steps.append(h_prev)
+            h = torch.stack(steps)  # (T, B, N)
+        else:
+            # The buffer holds u_t, then z_t, then h_t: the output (T, B, N).
+            h = u
+            w_hh_t = w_hh.t()  # (N, N); h_{t-1} W_hh^T is W_hh h_{t-1} for row vectors
+            for h_t in h.unbind(0):  # h_t: (B, N) view into the buffer
+                h_t.addmm_(h_prev, w_hh_t)  # z_t = u_t + W_hh h_{t-1}
+                if activate_ is not None:
+                    activate_(h_t)  # h_t = f(z_t)
+                h_prev = h_t
         ctx.save_for_backward(x, h0, w_ih, w_hh, h)
         ctx.nonlinearity = nonlinearity
+        ctx.impl = impl
         ctx.has_bias = b_ih is not None
         # h_n is returned as its own tensor: two outputs that view one buffer would tie their
         # autograd histories together.
@@ -175,47 +237,98 @@ class _RNNLayerFunction(torch.autograd.Function):
         x, h0, w_ih, w_hh, h = ctx.saved_tensors
         T, B, N = h.shape
         d = x.shape[2]
+        impl = ctx.impl
+        available = onednn_available(h.device, h.dtype)
         # delta_t = dL/dz_t, backwards through time (Werbos 1990):
         #   g_t     = dL/dh_t = grad_h[t] + W_hh^T delta_{t+1}   (+ grad of h_n at t = T-1)
         #   delta_t = g_t * f'(z_t)
-        # The buffer first holds f'(z_t) for all t (one vectorised op) and is overwritten by
-        # delta_t step by step.
-        delta = _derivative_from_output(h, ctx.nonlinearity)  # (T, B, N)
-        linear = delta is None
-        if linear:
-            delta = torch.empty_like(h)
-        g = h0.new_empty(B, N)  # dL/dh_t of the current step, reused
-        deltas = delta.unbind(0)
-        grads_h = grad_h.unbind(0)
-        for t in range(T - 1, -1, -1):
-            out = deltas[t] if linear else g
-            if t == T - 1:
-                torch.add(grads_h[t], grad_hn, out=out)
-            else:
-                torch.addmm(grads_h[t], deltas[t + 1], w_hh, out=out)  # delta_{t+1} W_hh (rows)
-            if not linear:
-                deltas[t].mul_(g)
+        # The buffer ``delta`` first holds f'(z_t) for all t (one vectorised op) and is
+        # overwritten by delta_t step by step (for linear, f' = 1 and delta_t = g_t).
+        fprime = _derivative_from_output(h, ctx.nonlinearity)  # (T, B, N) or None
+        if _uses_onednn(B, N, N, impl, available):
+            # g_t in one oneDNN call: grad_h[t] + delta_{t+1} W_hh (W_hh^T packed once).
+            linear_add = torch.ops.mkldnn._linear_pointwise.binary
+            w_packed = torch.ops.mkldnn._reorder_linear_weight(w_hh.t().contiguous(), B)
+            grad_h = grad_h.contiguous()
+            delta = fprime if fprime is not None else torch.empty_like(h)
+            deltas = delta.unbind(0)
+            grads_h = grad_h.unbind(0)
+            for t in range(T - 1, -1, -1):
+                if t == T - 1:
+                    g = grads_h[t] + grad_hn
+                else:
+                    g = linear_add(deltas[t + 1], grads_h[t], w_packed, None, "add")
+                if fprime is not None:
+                    deltas[t].mul_(g)
+                else:
+                    deltas[t].copy_(g)
+        else:
+            # g_t accumulates in place in a copy of grad_h (in-place addmm_ needs no copy of
+            # grad_h[t] per step, torch.addmm(..., out=) does); delta_t = f' * g_t then
+            # overwrites f' in its buffer.
+            g_buf = grad_h.clone(memory_format=torch.contiguous_format)  # (T, B, N)
+            g_buf[T - 1].add_(grad_hn)
+            delta = fprime if fprime is not None else g_buf
+            deltas = delta.unbind(0)
+            gs = g_buf.unbind(0)
+            for t in range(T - 1, -1, -1):
+                if t < T - 1:
+                    gs[t].addmm_(deltas[t + 1], w_hh)  # delta_{t+1} W_hh (row vectors)
+                if fprime is not None:
+                    deltas[t].mul_(gs[t])
 
-        # Everything else is one matmul over all T*B rows.
+        # Everything else is one product over all T*B rows.
         delta2 = delta.view(T * B, N)  # (T*B, N)
-        need_x, need_h0, need_wih, need_whh, need_bih, need_bhh, _ = ctx.needs_input_grad
+        need_x, need_h0, need_wih, need_whh, need_bih, need_bhh, _, _ = ctx.needs_input_grad
         grad_x = grad_h0 = grad_wih = grad_whh = grad_bih = grad_bhh = None
-        if need_x:
-            grad_x = torch.mm(delta2, w_ih).view(T, B, d)  # dL/dx_t = W_ih^T delta_t
+        if need_x:  # dL/dx_t = W_ih^T delta_t  (T*B, d)
+            grad_x = _linear(delta2, w_ih.t(), None, _uses_onednn(T * B, N, d, impl, available))
+            grad_x = grad_x.view(T, B, d)
         if need_h0:
             grad_h0 = torch.mm(deltas[0], w_hh)  # dL/dh_0 = W_hh^T delta_1
-        if need_wih:
-            grad_wih = torch.mm(delta2.t(), x.reshape(T * B, d))  # sum_t delta_t x_t^T  (N, d)
-        if need_whh:
-            grad_whh = torch.mm(deltas[0].t(), h0)  # sum_t delta_t h_{t-1}^T  (N, N)
+        if need_wih:  # sum_t delta_t x_t^T  (N, d)
+            grad_wih = _linear(
+                delta2.t(), x.reshape(T * B, d).t(), None, _uses_onednn(N, T * B, d, impl, available)
+            )
+        if need_whh:  # sum_t delta_t h_{t-1}^T  (N, N)
             if T > 1:
-                grad_whh.addmm_(delta[1:].reshape(-1, N).t(), h[:-1].reshape(-1, N))
+                rows = (T - 1) * B
+                grad_whh = _linear(
+                    delta[1:].reshape(rows, N).t(),
+                    h[:-1].reshape(rows, N).t(),
+                    None,
+                    _uses_onednn(N, rows, N, impl, available),
+                )
+                grad_whh.addmm_(deltas[0].t(), h0)
+            else:
+                grad_whh = torch.mm(deltas[0].t(), h0)
         if ctx.has_bias and (need_bih or need_bhh):
             grad_b = delta2.sum(0)  # (N,)
             grad_bih = grad_b if need_bih else None
             # Separate tensors: the two .grad fields must not alias each other.
             grad_bhh = (grad_b.clone() if need_bih else grad_b) if need_bhh else None
-        return grad_x, grad_h0, grad_wih, grad_whh, grad_bih, grad_bhh, None
+        return grad_x, grad_h0, grad_wih, grad_whh, grad_bih, grad_bhh, None, None
+
+
+def layer_path(
+    nonlinearity: str, batch_size: int, hidden_size: int, device: torch.device, dtype: torch.dtype,
+    impl: str = "auto",
+) -> str:
+    """The path :func:`rnn` takes for a layer of this shape: ``"fused"`` (PyTorch's kernel, cuDNN
+    on CUDA), ``"onednn"`` (hand-written loop, step products by oneDNN) or ``"addmm"``
+    (hand-written loop, step products by torch.addmm: MKL on CPU, cuBLAS on CUDA). A function of
+    its arguments only, so the same shape always takes the same path."""
+    if uses_fused_kernel(nonlinearity, device, impl):
+        return "fused"
+    if impl == "onednn" and not onednn_available(device, dtype):
+        raise ValueError(
+            f"impl='onednn' needs a float32 tensor on a CPU with oneDNN (torch.backends.mkldnn), "
+            f"got {dtype} on {device}; use impl='auto' or 'python'"
+        )
+    n = hidden_size
+    if _uses_onednn(batch_size, n, n, impl, onednn_available(device, dtype)):
+        return "onednn"
+    return "addmm"
 
 
 def uses_fused_kernel(nonlinearity: str, device: torch.device, impl: str = "auto") -> bool:
@@ -230,7 +343,7 @@ def uses_fused_kernel(nonlinearity: str, device: torch.device, impl: str = "auto
                 f"for {nonlinearity!r}); use impl='auto' or 'python'"
             )
         return True
-    if impl == "python":
+    if impl in ("python", "onednn"):
         return False
     return fusable and device.type in FUSED_DEVICE_TYPES
 
@@ -256,9 +369,9 @@ def rnn(
         ``(output, h_n)``: (T, B, N) hidden states of the last layer and (L, B, N) final states.
     """
     _check_nonlinearity(nonlinearity)
-    fused = uses_fused_kernel(nonlinearity, input.device, impl)
-    logger.debug("rnn: %s, %s path on %s", nonlinearity, "fused" if fused else "python", input.device)
-    if fused:
+    path = layer_path(nonlinearity, input.shape[1], hx.shape[2], input.device, weights[0][1].dtype, impl)
+    logger.debug("rnn: %s, %s path on %s", nonlinearity, path, input.device)
+    if path == "fused":
         has_bias = weights[0][2] is not None
         flat = [w for layer in weights for w in (layer if has_bias else layer[:2])]
         vf = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
@@ -274,7 +387,7 @@ def rnn(
     h_n = []
     for (w_ih, w_hh, b_ih, b_hh), h0 in zip(weights, hx.unbind(0)):
         layer_input, h_last = _RNNLayerFunction.apply(
-            layer_input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity
+            layer_input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl
         )
         h_n.append(h_last)
     return layer_input, torch.stack(h_n)

@@ -1,6 +1,18 @@
 """Speed and memory of awd_nonnormal.rnn.RNN against PyTorch's nn.RNN, forward + backward.
 
     python bench/rnn_speed.py [--device auto|cpu|cuda] [--repeats 7] [--shapes copy,psmnist,lm]
+                              [--threads 1] [--no-memory] [--no-peak] [--no-rule] [--no-ptb]
+                              [--task-step]
+
+On CPU it first measures the float32 GEMM throughput of oneDNN (with a pre-packed weight, as the
+layer uses it) and of ``torch.mm`` (MKL) at one large product, and reports the larger oneDNN figure
+as the peak. It then times, for a grid of (B, N), one recurrent step product both ways (oneDNN
+with the add post-op, ``torch.addmm``) and prints which was faster and which one the layer's rule
+(``B*N*N >= ONEDNN_MIN_WORK``) picks. The ``ptb`` table is AWD-LSTM's PTB recurrent stack
+(T 70, B 80, layers 400-1150-1150-400) forward + backward, ours against ``nn.LSTM`` of the same
+sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
+times that for an LSTM). ``--task-step`` times one training step of the copy task at T = 500
+(model, loss, backward, per-tensor clipping, RMSprop), as ``python -m awd_nonnormal.tasks`` runs it.
 
 For every shape and nonlinearity it prints the median time of one forward + backward pass and
 
@@ -13,8 +25,10 @@ For every shape and nonlinearity it prints the median time of one forward + back
   allocated before it (input, weights). CPU: from the allocation records of ``torch.profiler``
   (``profile_memory=True``; the profiler logs its start and stop on stderr); CUDA:
   ``torch.cuda.max_memory_allocated``.
-* for tanh and relu, the time of the hand-written path (``impl="python"``) and of PyTorch's fused
-  kernel (``impl="fused"``) with the same weights, which is what ``impl="auto"`` chooses between.
+* the time of the hand-written loop with every product by ``torch.addmm`` (``impl="python"``) and,
+  on CPU, by oneDNN (``impl="onednn"``), and for tanh and relu of PyTorch's fused kernel
+  (``impl="fused"``), with the same weights: what ``impl="auto"`` (the ``path`` column) chooses
+  between.
 
 Candidates are timed round-robin (one pass of each per repeat, after warm-up), so load from other
 processes falls on all of them alike; the ratios within one run are what to compare. On a CPU shared
@@ -38,7 +52,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from awd_nonnormal.rnn import NONLINEARITIES, RNN, rnn_reference, uses_fused_kernel  # noqa: E402
+from awd_nonnormal.rnn import (  # noqa: E402
+    NONLINEARITIES,
+    ONEDNN_MIN_WORK,
+    RNN,
+    _uses_onednn,
+    layer_path,
+    onednn_available,
+    rnn_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -115,7 +137,8 @@ def peak_memory(step: Callable, device: torch.device) -> float:
     return float(peak)
 
 
-def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, memory: bool, naive: bool):
+def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, memory: bool, naive: bool,
+              quick: bool = False):
     torch.manual_seed(0)
     x = torch.randn(shape.T, shape.B, shape.d, device=device, requires_grad=shape.input_grad)
     grad_out = torch.randn(shape.T, shape.B, shape.N, device=device)
@@ -128,13 +151,13 @@ def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, mem
         ours[nl] = m
 
     steps = {f"nn.RNN({nl})": make_step(m, list(m.parameters()), x, grad_out) for nl, m in refs.items()}
+    impls = ["python"] + (["onednn"] if onednn_available(device, torch.float32) else [])
     for nl, m in ours.items():
         steps[nl] = make_step(m, list(m.parameters()), x, grad_out)
-        if nl in ("tanh", "relu"):
-            for impl in ("python", "fused"):
-                def forward(inp, m=m, impl=impl):
-                    return _with_impl(m, impl, inp)
-                steps[f"{nl}:{impl}"] = make_step(forward, list(m.parameters()), x, grad_out)
+        for impl in [] if quick else impls + (["fused"] if nl in ("tanh", "relu") else []):
+            def forward(inp, m=m, impl=impl):
+                return _with_impl(m, impl, inp)
+            steps[f"{nl}:{impl}"] = make_step(forward, list(m.parameters()), x, grad_out)
     if naive:
         m = ours["elu"]
         h0 = torch.zeros(1, shape.B, shape.N, device=device)
@@ -158,6 +181,129 @@ def _with_impl(module: RNN, impl: str, x):
         module.impl = saved
 
 
+def _best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Fastest of ``repeats`` calls after ``warmup`` (the least disturbed by other processes)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_peak(repeats: int) -> Dict[str, float]:
+    """float32 GFLOP/s of one (5600, 1150) x (1150, 1150) product (the LM layer's T*B rows) by
+    oneDNN with a packed weight and by torch.mm (MKL), and of a 2048^3 product by oneDNN."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    out = {}
+    for name, (m, k, n) in {"lm": (5600, 1150, 1150), "square": (2048, 2048, 2048)}.items():
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        flops = 2.0 * m * k * n
+        out[f"onednn {name}"] = flops / _best_seconds(lambda: lp(a, packed, None, "none", [], ""), repeats) / 1e9
+        if name == "lm":
+            out["mkl lm"] = flops / _best_seconds(lambda: torch.mm(a, w.t()), repeats) / 1e9
+    return out
+
+
+RULE_GRID = [(16, 25), (16, 100), (16, 128), (16, 200), (16, 256), (32, 160), (32, 200), (64, 100),
+             (64, 128), (64, 200), (80, 256), (80, 1150), (128, 128), (256, 64), (4096, 20)]
+
+
+def _many(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+    return run
+
+
+def rule_check(repeats: int) -> list:
+    """Both backends on the layer's products, and the rule's choice. Rows of (label, m, k, n,
+    addmm s, oneDNN s, rule says oneDNN): first the recurrent step product h W^T + u for a grid of
+    (B, N) (oneDNN: packed weight, add post-op), then the whole-sequence products of the three
+    benchmark shapes with their operands laid out as the layer passes them (the weight gradients
+    contract over the T*B rows, so both of their operands are transposed)."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    cpu = torch.device("cpu")
+    rows = []
+    for b, n in RULE_GRID:
+        h, u, w = torch.randn(b, n), torch.randn(b, n), torch.randn(n, n) / n**0.5
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, b)
+        calls = max(20, int(2e8 / (b * n * n)))  # about 0.1 s of work per timing
+        buf = u.clone()
+        t_mm = _best_seconds(_many(lambda: buf.copy_(u).addmm_(h, w.t()), calls), repeats) / calls
+        t_dnn = _best_seconds(_many(lambda: lp.binary(h, u, packed, None, "add"), calls), repeats) / calls
+        rows.append((f"step B={b} N={n}", b, n, n, t_mm, t_dnn, layer_path("tanh", b, n, cpu, torch.float32) == "onednn"))
+    for shape in SHAPES.values():
+        r, n, d = shape.T * shape.B, shape.N, shape.d
+        delta, h, x, w_ih = torch.randn(r, n), torch.randn(r, n), torch.randn(r, d), torch.randn(n, d)
+        products = {  # name: (a, w) for a @ w^T, and (m, k, n)
+            "input projection": ((x, w_ih), (r, d, n)),
+            "grad input": ((delta, w_ih.t()), (r, n, d)),
+            "grad W_ih": ((delta.t(), x.t()), (n, r, d)),
+            "grad W_hh": ((delta.t(), h.t()), (n, r, n)),
+        }
+        for name, ((a, w), (pm, pk, pn)) in products.items():
+            calls = max(3, int(1e8 / (pm * pk * pn)))
+            t_mm = _best_seconds(_many(lambda: torch.mm(a, w.t()), calls), repeats) / calls
+            t_dnn = _best_seconds(_many(lambda: lp(a, w, None, "none", [], ""), calls), repeats) / calls
+            rule = _uses_onednn(pm, pk, pn, "auto", True)
+            rows.append((f"{shape.name} {name}", pm, pk, pn, t_mm, t_dnn, rule))
+    return rows
+
+
+PTB_LAYERS = [(400, 1150), (1150, 1150), (1150, 400)]  # AWD-LSTM's PTB stack (d, N) per layer
+PTB_T, PTB_B = 70, 80
+
+
+def ptb_stack(device: torch.device, repeats: int, warmup: int) -> Dict[str, tuple]:
+    """Forward + backward of the PTB recurrent stack: {model: (seconds, flops)}."""
+    torch.manual_seed(0)
+    x = torch.randn(PTB_T, PTB_B, PTB_LAYERS[0][0], device=device, requires_grad=True)
+    flops_rnn = sum(6.0 * PTB_T * PTB_B * (d * n + n * n) for d, n in PTB_LAYERS)
+    models = {"LSTM": ([nn.LSTM(d, n).to(device) for d, n in PTB_LAYERS], 4 * flops_rnn)}
+    for nl in ("tanh", "elu"):
+        models[f"RNN-{nl}"] = ([RNN(d, n, nonlinearity=nl).to(device) for d, n in PTB_LAYERS], flops_rnn)
+    grad_out = torch.randn(PTB_T, PTB_B, PTB_LAYERS[-1][1], device=device)
+    steps = {}
+    for name, (layers, _) in models.items():
+        def forward(inp, layers=layers):
+            for layer in layers:
+                inp, _ = layer(inp)
+            return inp, None
+        steps[name] = make_step(forward, [p for m in layers for p in m.parameters()], x, grad_out)
+    t = time_round_robin(steps, repeats, warmup, device)
+    return {name: (t[name], flops) for name, (_, flops) in models.items()}
+
+
+def task_step(repeats: int, warmup: int) -> float:
+    """Median seconds of one copy-task training step at T = 500 (paper settings: batch 16, N 100,
+    elu, RMSprop, per-tensor clipping at 10), built by the task package itself."""
+    from awd_nonnormal.tasks import train as task_train
+
+    config = task_train.make_config(task="copy", T=500, n_train=16 * (repeats + warmup), n_val=16)
+    task = task_train.get_task(config.task)
+    model = task_train.build_model(config)
+    train_set, _, _ = task.datasets(config, task_train.RunOptions())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+    index = torch.arange(config.batch_size)
+
+    def step() -> None:
+        x, y = train_set.batch(index, torch.device("cpu"))
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model(x), y)
+        loss.item()
+        loss.backward()
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], config.clip)
+        optimizer.step()
+
+    return time_round_robin({"step": step}, repeats, warmup, torch.device("cpu"))["step"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -167,6 +313,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--naive", action="store_true", help="also time elu as a plain autograd loop")
+    parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak (CPU)")
+    parser.add_argument("--no-rule", action="store_true", help="skip the oneDNN-threshold check (CPU)")
+    parser.add_argument("--no-ptb", action="store_true", help="skip the PTB-stack table")
+    parser.add_argument("--task-step", action="store_true", help="also time a copy-500 training step (CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="time only nn.RNN and our layer's automatic path (no per-backend times)")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -195,10 +347,52 @@ def main(argv=None) -> None:
     print("  > 1 means ours is faster.  mem = peak memory(ours) / peak memory(nn.RNN relu): "
           "< 1 means ours uses less.")
     print(f"  peak memory = most bytes allocated by torch during forward+backward ({mem_what}).")
+    cpu_onednn = onednn_available(device, torch.float32)
+    peak = None
+    if cpu_onednn and not args.no_peak:
+        gflops = gemm_peak(max(3, args.repeats // 2))
+        peak = max(v for k, v in gflops.items() if k.startswith("onednn"))
+        print()
+        print("float32 GEMM, GFLOP/s (best of several): " + ", ".join(f"{k} {v:.0f}" for k, v in gflops.items()))
+        print(f"oneDNN peak used below: {peak:.0f} GFLOP/s")
+    if cpu_onednn and not args.no_rule:
+        rows = rule_check(max(3, args.repeats // 2))
+        print()
+        print(f"products: torch.addmm vs oneDNN; rule: oneDNN when m*k*n >= {ONEDNN_MIN_WORK}")
+        print(f"{'product':<28} {'m':>6} {'k':>6} {'n':>5} {'addmm us':>10} {'oneDNN us':>10} "
+              f"{'faster':>7} {'rule':>7}")
+        agree, lost = 0, []
+        for label, m, k, n, t_mm, t_dnn, rule in rows:
+            faster = "oneDNN" if t_dnn < t_mm else "addmm"
+            picked = "oneDNN" if rule else "addmm"
+            agree += faster == picked
+            if faster != picked:
+                lost.append((t_dnn if rule else t_mm) / min(t_mm, t_dnn))
+            print(f"{label:<28} {m:6d} {k:6d} {n:5d} {t_mm * 1e6:10.1f} {t_dnn * 1e6:10.1f} "
+                  f"{faster:>7} {picked:>7}")
+        print(f"the rule picked the faster backend for {agree} of {len(rows)} products"
+              + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
     for name in names:
         shape = SHAPES[name]
-        t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive)
+        t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive, args.quick)
         report(shape, t, mem, device)
+    if not args.no_ptb:
+        res = ptb_stack(device, max(3, args.repeats // 2), 1)
+        print()
+        print(f"PTB recurrent stack (T={PTB_T} B={PTB_B} layers {PTB_LAYERS}), forward + backward")
+        for name, (sec, flops) in res.items():
+            line = f"  {name:<9} {sec * 1e3:8.1f} ms  {flops / sec / 1e9:6.0f} GFLOP/s"
+            if peak:
+                line += f"  {100 * flops / sec / 1e9 / peak:5.1f} % of the oneDNN peak"
+            print(line)
+        lstm = res["LSTM"]
+        for nl in ("tanh", "elu"):
+            sec = res[f"RNN-{nl}"][0]
+            print(f"  RNN-{nl} per token: {lstm[0] / sec:.2f}x faster than the LSTM")
+    if args.task_step and device.type == "cpu":
+        sec = task_step(args.repeats, args.warmup)
+        print()
+        print(f"copy task T=500 training step (batch 16, N 100, elu): {sec * 1e3:.1f} ms")
 
 
 def report(shape: Shape, t: Dict[str, float], mem: Dict[str, float], device: torch.device) -> None:
@@ -213,16 +407,17 @@ def report(shape: Shape, t: Dict[str, float], mem: Dict[str, float], device: tor
                  f"{mem['nn.RNN(tanh)'] / 2**20:.1f} MiB (tanh)")
     print(f"{label:<28} {'':<7} {'':<7} {'':>8}   {line}")
     for nl in NONLINEARITIES:
-        path = "fused" if uses_fused_kernel(nl, device) else "python"
+        path = layer_path(nl, shape.B, shape.N, device, torch.float32)
         same = f"{t[f'nn.RNN({nl})'] / t[nl]:7.2f}" if nl in ("tanh", "relu") else f"{'-':>7}"
         ratio_mem = f"{mem[nl] / mem['nn.RNN(relu)']:6.2f}" if mem else f"{'-':>6}"
-        notes = ""
-        if nl in ("tanh", "relu"):
-            notes = f"python path {t[f'{nl}:python'] * 1e3:.1f} ms, fused {t[f'{nl}:fused'] * 1e3:.1f} ms"
-            if mem:
-                notes += f"; mem vs nn.RNN({nl}) {mem[nl] / mem[f'nn.RNN({nl})']:.2f}"
+        notes = ", ".join(
+            f"{impl} {t[f'{nl}:{impl}'] * 1e3:.1f} ms"
+            for impl in ("python", "onednn", "fused") if f"{nl}:{impl}" in t
+        )
+        if nl in ("tanh", "relu") and mem:
+            notes += f"; mem vs nn.RNN({nl}) {mem[nl] / mem[f'nn.RNN({nl})']:.2f}"
         if nl == "elu" and "elu:naive" in t:
-            notes = f"naive autograd loop {t['elu:naive'] * 1e3:.1f} ms (x relu {ref / t['elu:naive']:.2f})"
+            notes += f"; naive autograd loop {t['elu:naive'] * 1e3:.1f} ms (x relu {ref / t['elu:naive']:.2f})"
         print(f"{'':<28} {nl:<7} {path:<7} {t[nl] * 1e3:8.1f} {ref / t[nl]:7.2f} {same} {ratio_mem}   {notes}")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from awd_nonnormal import lm
-from awd_nonnormal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from awd_nonnormal.checkpoint import CheckpointError, load_checkpoint, load_initial, save_checkpoint
 from awd_nonnormal.data import DataError
 from awd_nonnormal.runs import GracefulInterrupt
 from awd_nonnormal.init import InitOptions, recurrent_layers
@@ -177,8 +177,11 @@ def test_smoke_every_model_and_initializer(tmp_path, corpus, trainers, rnn_type,
     raw = torch.load(result.paths.best, map_location="cpu", weights_only=True)
     assert raw["kind"] == "lm" and raw["role"] == "best" and raw["test"]["loss"] == result.test_loss
     assert raw["arch"]["rnn_type"] == rnn_type
-    assert set(raw["initial_rnn"]) == {k for k in raw["model"] if k.startswith("rnns.")}
-    torch.load(result.paths.latest, map_location="cpu", weights_only=True)
+    # the initial weights are stored once per run, beside the checkpoints, which name the file
+    assert "initial_rnn" not in raw and raw["initial_rnn_file"] == result.paths.initial.name
+    assert set(load_initial(raw, result.paths.best)) == {k for k in raw["model"] if k.startswith("rnns.")}
+    latest = torch.load(result.paths.latest, map_location="cpu", weights_only=True)
+    assert "initial_rnn" not in latest and latest["initial_rnn_file"] == result.paths.initial.name
     # the rebuilt best model computes what the trained one computes (one epoch of SGD: the same)
     trained = trainers[0].model.eval()
     rebuilt = RNNModel.from_checkpoint(load_checkpoint(result.paths.best)).eval()
@@ -193,7 +196,7 @@ def test_chain_init_is_in_the_run_before_training(tmp_path, corpus):
                                                   init_params={"alpha": 0.9}, nlayers=3), lr=2.0)
     result = run(mc, tc)
     ckpt = load_checkpoint(result.paths.best)
-    initial = list(recurrent_layers(ckpt["initial_rnn"]))
+    initial = list(recurrent_layers(load_initial(ckpt, result.paths.best)))
     assert [l.name for l in initial] == [f"rnns.{k}.weight_hh_l0_raw" for k in range(3)]
     for layer in initial:
         n = layer.weight_hh.shape[0]
@@ -214,7 +217,7 @@ def test_init_plugin_is_loaded_before_the_spec_is_used(tmp_path, corpus):
     mc, tc = configs(tmp_path, corpus, model=dict(rnn_type="RNN", init="test_lm_half_identity"),
                      init_plugins=(str(plugin),))
     result = run(mc, tc)
-    for layer in recurrent_layers(load_checkpoint(result.paths.best)["initial_rnn"]):
+    for layer in recurrent_layers(load_initial(load_checkpoint(result.paths.best), result.paths.best)):
         assert torch.allclose(layer.weight_hh, 0.5 * torch.eye(layer.weight_hh.shape[0]))
 
 

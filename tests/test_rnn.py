@@ -12,10 +12,13 @@ from torch import nn
 from awd_nonnormal.rnn import (
     IMPLS,
     NONLINEARITIES,
+    ONEDNN_MIN_WORK,
     RNN,
     RNN_TYPES,
     build_rnn,
     init_hidden,
+    layer_path,
+    onednn_available,
     quiet_cudnn_weight_warning,
     rnn,
     rnn_reference,
@@ -61,6 +64,14 @@ def _grads(fn, tensors):
 
 
 CASES = list(itertools.product(NONLINEARITIES, (1, 2), (True, False)))
+CPU = torch.device("cpu")
+HAS_ONEDNN = onednn_available(CPU, torch.float32)
+needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="this PyTorch has no oneDNN")
+
+
+def _float64_impls(nonlinearity):
+    """The implementations that run in float64 (oneDNN is float32 only)."""
+    return [i for i in IMPLS if i != "onednn" and (i != "fused" or nonlinearity in ("tanh", "relu"))]
 
 
 @pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
@@ -84,13 +95,87 @@ def test_matches_autograd_reference(nonlinearity, num_layers, bias):
     ref_out, ref_hn, ref_grads = _grads(
         lambda: rnn_reference(x, h0, layers, nonlinearity), (x, h0, *flat)
     )
-    impls = IMPLS if nonlinearity in ("tanh", "relu") else ("auto", "python")
-    for impl in impls:
+    for impl in _float64_impls(nonlinearity):
         out, h_n, grads = _grads(lambda: rnn(x, h0, layers, nonlinearity, impl=impl), (x, h0, *flat))
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(h_n, ref_hn, rtol=1e-12, atol=1e-12)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def _assert_close_relative(actual, expected, rtol):
+    """|actual - expected| <= rtol * max|expected|: float32 rounding, relative to the tensor's scale."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert (actual - expected).abs().max() <= rtol * scale, (actual - expected).abs().max() / scale
+
+
+@needs_onednn
+@pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
+@pytest.mark.parametrize("impl", ["onednn", "python", "auto"])
+def test_float32_paths_match_float64_reference(nonlinearity, num_layers, bias, impl):
+    """Every CPU float32 path (oneDNN products, torch.addmm products, the rule mixing them) against
+    the autograd loop in float64, in values and in gradients of the input, h0 and every weight."""
+    x, h0 = _inputs(num_layers)
+    flat = _layer_tensors(num_layers, bias)
+    layers = _group(flat, num_layers, bias)
+    ref_out, ref_hn, ref_grads = _grads(
+        lambda: rnn_reference(x, h0, layers, nonlinearity), (x, h0, *flat)
+    )
+    leaves = [t.detach().float().requires_grad_() for t in (x, h0, *flat)]
+    x32, h032, flat32 = leaves[0], leaves[1], leaves[2:]
+    layers32 = _group(flat32, num_layers, bias)
+    out, h_n, grads = _grads(lambda: rnn(x32, h032, layers32, nonlinearity, impl=impl), leaves)
+    _assert_close_relative(out.double(), ref_out, 1e-5)
+    _assert_close_relative(h_n.double(), ref_hn, 1e-5)
+    for g, ref in zip(grads, ref_grads):
+        _assert_close_relative(g.double(), ref, 1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_auto_mixes_backends_exactly_above_the_threshold(nonlinearity):
+    """A shape whose step product is above the oneDNN threshold while its input projection is
+    below (B*N*N >= ONEDNN_MIN_WORK > T*B*d*N would need T*d < N): auto takes oneDNN for the
+    loop, and it still equals the reference and the all-addmm path."""
+    t, b, d, n = 3, 8, 2, 400
+    assert b * n * n >= ONEDNN_MIN_WORK > t * b * d * n
+    assert layer_path(nonlinearity, b, n, CPU, torch.float32) == "onednn"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(t, b, d, generator=g, requires_grad=True)
+    h0 = (0.5 * torch.randn(1, b, n, generator=g)).requires_grad_()
+    w = [(torch.randn(n, d, generator=g) / d**0.5).requires_grad_(),
+         (torch.randn(n, n, generator=g) / n**0.5).requires_grad_(),
+         (0.3 * torch.randn(n, generator=g)).requires_grad_(),
+         (0.3 * torch.randn(n, generator=g)).requires_grad_()]
+    leaves = (x, h0, *w)
+    ref = _grads(lambda: rnn_reference(x, h0, [tuple(w)], nonlinearity), leaves)
+    for impl in ("auto", "python"):
+        res = _grads(lambda: rnn(x, h0, [tuple(w)], nonlinearity, impl=impl), leaves)
+        _assert_close_relative(res[0], ref[0], 1e-5)
+        _assert_close_relative(res[1], ref[1], 1e-5)
+        for a, r in zip(res[2], ref[2]):
+            _assert_close_relative(a, r, 1e-5)
+
+
+def test_path_choice_is_a_rule_of_the_shape():
+    """auto: fused on CUDA for tanh/relu; on CPU oneDNN exactly when B*N*N reaches the threshold
+    (float32, oneDNN present), torch.addmm otherwise; the same answer every time it is asked."""
+    cuda = torch.device("cuda")
+    for nl in NONLINEARITIES:
+        for b, n in [(16, 100), (16, 25), (80, 1150), (16, 256), (64, 128), (1, 1), (4096, 20)]:
+            big = b * n * n >= ONEDNN_MIN_WORK
+            expected = "onednn" if big and HAS_ONEDNN else "addmm"
+            answers = {layer_path(nl, b, n, CPU, torch.float32) for _ in range(3)}
+            assert answers == {expected}
+            assert layer_path(nl, b, n, CPU, torch.float64) == "addmm"  # oneDNN: float32 only
+            assert layer_path(nl, b, n, CPU, torch.float32, "python") == "addmm"
+            assert layer_path(nl, b, n, cuda, torch.float32) == (
+                "fused" if nl in ("tanh", "relu") else "addmm"
+            )
+    with pytest.raises(ValueError, match="float32 tensor on a CPU with oneDNN"):
+        layer_path("elu", 4, 4, CPU, torch.float64, "onednn")
+    with pytest.raises(ValueError, match="float32 tensor on a CPU with oneDNN"):
+        layer_path("elu", 4, 4, cuda, torch.float32, "onednn")
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -103,7 +188,7 @@ def test_matches_nn_rnn(nonlinearity, num_layers, bias):
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(T, B, D)
     h0 = torch.randn(num_layers, B, N)
-    for impl in IMPLS:
+    for impl in [i for i in IMPLS if i != "onednn" or HAS_ONEDNN]:
         ours.impl = impl
         ours.zero_grad()
         ref.zero_grad()
@@ -209,7 +294,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="positive integer"):
         RNN(D, 0)
     m.impl = "bogus"
-    with pytest.raises(ValueError, match="auto, fused, python"):
+    with pytest.raises(ValueError, match="auto, fused, python, onednn"):
         m(torch.randn(T, B, D))
     m = RNN(D, N, nonlinearity="elu")
     m.impl = "fused"
@@ -287,8 +372,7 @@ def test_cuda_matches_cpu(nonlinearity):
     gpu = copy.deepcopy(cpu).to("cuda")
     x = torch.randn(T, B, D, dtype=torch.float64)
     out, h_n, grads = _grads(lambda: cpu(x), list(cpu.parameters()))
-    impls = IMPLS if nonlinearity in ("tanh", "relu") else ("auto", "python")
-    for impl in impls:
+    for impl in _float64_impls(nonlinearity):
         gpu.impl = impl
         with warnings.catch_warnings():
             warnings.simplefilter("error")
