@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Train a word- or character-level language model: AWD-LSTM (Merity et al. 2018) with LSTM, GRU
-or vanilla RNN layers and the non-normal initializers of Orhan & Pitkow (ICLR 2020).
+"""Train a word- or character-level language model: AWD-LSTM (Merity et al. 2018) with LSTM, GRU,
+vanilla RNN or QRNN layers and the non-normal initializers of Orhan & Pitkow (ICLR 2020).
 
 The flags of salesforce/awd-lstm-lm's main.py keep their names and defaults, except ``--cuda``,
 which is ``--device auto|cpu|cuda``, and ``--model RNN``, which has the defaults of
@@ -12,6 +12,7 @@ Examples::
 
     python main.py --data data/penn --model RNN --init chain --init-alpha 0.95 --optimizer adam --lr 1e-3
     python main.py --resume runs/20240101-120000/model.latest.pt --epochs 100
+    python main.py --finetune runs/20240101-120000/model.pt --epochs 50   # = python finetune.py ...
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from awd_nonnormal import cli
+from awd_nonnormal.finetune import finetune
 from awd_nonnormal.init import available, init_options_from_args
 from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
 from awd_nonnormal.model import ModelConfig, check_init
@@ -57,6 +59,7 @@ _SETTINGS = {
     "optimizer": "optimizer", "when": "when", "nonmono": "nonmono", "seed": "seed",
     "log_interval": "log_interval", "save": "save", "device": "device",
     "max_skipped_steps": "max_skipped_steps", "no_progress": "progress", "overwrite": "overwrite",
+    "cutoffs": "cutoffs", "zoneout": "zoneout",
 }
 
 
@@ -91,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tie the decoder to the embedding (the last layer then has emsize units)")
     g.add_argument("--nonlinearity", default=m.nonlinearity, choices=NONLINEARITIES,
                    help="activation of --model RNN")
+    g.add_argument("--zoneout", type=float, default=m.zoneout,
+                   help="zoneout of --model QRNN (AWD-LSTM: 0; its --wdrop is DropConnect on the gate weights)")
+    g.add_argument("--cutoffs", nargs="+", default=["auto"], metavar="auto|none|N",
+                   help="adaptive softmax cut-offs: auto (awd-lstm-lm's rule: 2800 20000 76000 above 75k "
+                        "words, 4200 35000 180000 above 500k, else a full softmax), none (full softmax) "
+                        "or increasing word ids")
 
     cli.add_init_arguments(p, default_spec=m.init.spec)
 
@@ -114,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue the run whose latest state is PATH (NAME.latest.pt)")
+    g.add_argument("--finetune", default=None, metavar="SOURCE",
+                   help="finetune the model in SOURCE (a run's NAME.pt) with averaged SGD from the start, "
+                        "as a new run (default --save: NAME.finetune.pt beside it)")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="sgd (switches to ASGD) or adam")
     g.add_argument("--when", nargs="+", type=int, default=list(d.when),
                    help="epochs at whose end the learning rate is divided by 10")
@@ -149,18 +161,32 @@ def apply_model_defaults(args: argparse.Namespace, explicit: FrozenSet[str]) -> 
     return applied
 
 
+def parse_cutoffs(values: Sequence[str]) -> Optional[Tuple[int, ...]]:
+    """``--cutoffs``: ``auto`` -> None, ``none`` -> () (full softmax), else the integers."""
+    words = [v.lower() for v in values]
+    if words == ["auto"]:
+        return None
+    if words == ["none"]:
+        return ()
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--cutoffs takes auto, none or increasing integers, got {' '.join(values)}") from None
+
+
 def configs_from_args(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(
         rnn_type=args.model, emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
         dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti, dropoute=args.dropoute,
         wdrop=args.wdrop, tied=args.tied, nonlinearity=args.nonlinearity,
-        init=init_options_from_args(args))
+        init=init_options_from_args(args), cutoffs=parse_cutoffs(args.cutoffs), zoneout=args.zoneout)
     train = TrainConfig(
         data=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         test_batch_size=args.test_batch_size, bptt=args.bptt, lr=args.lr, clip=args.clip, warmup=args.warmup,
         epochs=args.epochs, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         optimizer=args.optimizer, when=tuple(args.when), nonmono=args.nonmono, seed=args.seed,
-        log_interval=args.log_interval, save=args.save or _default_save(), device=args.device,
+        log_interval=args.log_interval, save=args.save or ("" if args.finetune else _default_save()),
+        device=args.device,
         max_skipped_steps=args.max_skipped_steps, progress=not args.no_progress,
         overwrite=args.overwrite)
     return model, train
@@ -205,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cli.setup_logging(args.verbose)
     cli.set_threads(args.threads)
 
-    if args.resume is None:  # a resumed run takes its settings from the checkpoint
+    if args.resume is None and args.finetune is None:  # these take their settings from a checkpoint
         applied = apply_model_defaults(args, explicit)
         if applied:
             logger.info("--model %s defaults: %s (flags on the command line win)", args.model, " ".join(applied))
@@ -213,13 +239,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     def command() -> int:
         model_cfg, train_cfg = configs_from_args(args)
         resolve_device(train_cfg.device)
-        if args.resume is None:  # a resumed run loads its model: it needs no initializer
+        if args.finetune and args.resume:
+            raise ValueError("--finetune starts a new run from a model, --resume continues a run: "
+                             "give one of them")
+        if args.resume is None and args.finetune is None:  # these load their model
             check_init(model_cfg)
             if model_cfg.tied and model_cfg.nlayers == 1 and "nhid" in explicit and model_cfg.nhid != model_cfg.emsize:
                 logger.warning("--nhid %d is not used: with tied weights the last layer has --emsize %d "
                                "units, and the model has one layer (pass --no-tied for %d units)",
                                model_cfg.nhid, model_cfg.emsize, model_cfg.nhid)
-        result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
+        if args.finetune:
+            result = finetune(args.finetune, model_cfg, train_cfg, explicit=explicit)
+        else:
+            result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
         print_summary(result)
         return cli.EXIT_OK
 

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
@@ -326,8 +325,8 @@ def evaluate(model: RNNModel, source: Tensor, batch_size: int, bptt: int,
     with torch.no_grad():
         for i in range(0, source.size(0) - 1, bptt):
             data, targets = get_batch(source, i, bptt)  # (L, B), (L*B,)
-            logits, hidden = model(data, hidden)  # (L, B, V)
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets, reduction="sum").double()
+            output, hidden = model(data, hidden, decode=False)  # (L, B, E)
+            total += model.nll(output, targets).double().sum()
             count += targets.numel()
             if check is not None:
                 check()
@@ -383,7 +382,9 @@ class Trainer:
         self.initial_rnn: Optional[Dict[str, Tensor]] = self.model.recurrent_state()
         self.initial_saved = False
         # criterion(logits (N, V), targets (N,)) -> mean loss in nats; a module with parameters
-        # (e.g. an adaptive or split softmax) is trained with the model.
+        # is trained with the model. Without one the model's own loss (RNNModel.nll) is used,
+        # which an adaptive softmax computes without the full (N, V) logits.
+        self.model_loss = criterion is None
         self.criterion = (criterion if criterion is not None else nn.CrossEntropyLoss()).to(device)
         # The optimizer covers the criterion's parameters too (none for a full softmax; a split
         # softmax would have some), before and after the switch to ASGD.
@@ -393,6 +394,8 @@ class Trainer:
         self.train_data = batchify(corpus.train, train_cfg.batch_size, device)  # (rows, B)
         self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
         self.state = _State()
+        # Extra checkpoint entries that say where the run came from (a finetune's source).
+        self.provenance: Dict[str, Any] = {}
         self.guard = NonFiniteGuard(train_cfg.max_skipped_steps)
         self.metrics_log = MetricsLog(paths.metrics)
         self.interrupts = GracefulInterrupt()
@@ -410,6 +413,7 @@ class Trainer:
             "vocab_fingerprint": self.corpus.fingerprint,
             "data_fingerprint": self.corpus.data,
             "metrics": list(self.state.metrics),
+            **self.provenance,
             "non_finite": self.guard.state(),
         }
         if not self.initial_saved and self.initial_rnn is not None:
@@ -466,6 +470,8 @@ class Trainer:
                 logger.warning("%s; later checkpoints of this run will name no initial weights", exc)
                 self.initial_rnn = None
             self.initial_saved = False
+        if "finetuned_from" in ckpt:
+            self.provenance["finetuned_from"] = ckpt["finetuned_from"]
         self.optimizer_name = ckpt["optimizer_name"]
         self.optimizer = _make_optimizer(self.optimizer_name, self.params, self.cfg.lr, self.cfg.wdecay)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -512,8 +518,12 @@ class Trainer:
         window = self.cfg.bptt if torch.rand((), generator=g).item() < 0.95 else self.cfg.bptt / 2.0
         return max(5, int(torch.normal(float(window), 5.0, (1,), generator=g).item()))
 
-    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return self.criterion(logits.view(-1, logits.size(-1)), targets)
+    def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss (nats) of the model's output: last-layer outputs (L, B, E) when the model's
+        own loss is used, else logits (L, B, V) for the criterion."""
+        if self.model_loss:
+            return self.model.nll(output, targets).mean()
+        return self.criterion(output.view(-1, output.size(-1)), targets)
 
     def _train_epoch(self, progress) -> None:
         st, cfg, model = self.state, self.cfg, self.model
@@ -535,8 +545,9 @@ class Trainer:
             try:
                 hidden = repackage_hidden(st.hidden)
                 self.optimizer.zero_grad(set_to_none=True)
-                logits, hidden, raw_outputs, outputs = model(data, hidden, return_h=True)
-                raw_loss = self._loss(logits, targets)
+                output, hidden, raw_outputs, outputs = model(data, hidden, return_h=True,
+                                                             decode=not self.model_loss)
+                raw_loss = self._loss(output, targets)
                 loss = raw_loss + activation_regularization(raw_outputs[-1], outputs[-1], cfg.alpha, cfg.beta)
                 loss.backward()
                 # the norm of all gradients (clipped to --clip; measured only without a clip)
@@ -790,7 +801,13 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
     if ckpt is not None:
         check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(resume), ntokens=model_cfg.ntoken)
         check_data(corpus, ckpt.get("data_fingerprint"), str(resume))
-    model_cfg = dataclasses.replace(model_cfg, ntoken=len(corpus.dictionary))
+    try:
+        model_cfg = dataclasses.replace(model_cfg, ntoken=len(corpus.dictionary))
+        model_cfg = dataclasses.replace(model_cfg, cutoffs=model_cfg.resolved_cutoffs)
+    except ValueError as exc:
+        raise LMError(str(exc)) from None
+    if model_cfg.cutoffs:
+        logger.info("adaptive softmax with cut-offs %s", list(model_cfg.cutoffs))
     logger.info("corpus %s: %d tokens in the vocabulary; train / valid / test %d / %d / %d tokens",
                 train_cfg.data, len(corpus.dictionary), len(corpus.train), len(corpus.valid), len(corpus.test))
 

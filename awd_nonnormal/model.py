@@ -16,6 +16,14 @@ Each layer is a single-layer recurrent module from :func:`awd_nonnormal.rnn.buil
 state_dict keys are ``rnns.{l}.weight_hh_l0_raw`` and ``rnns.{l}.module.weight_ih_l0`` etc. when
 ``wdrop > 0`` and ``rnns.{l}.weight_hh_l0`` etc. otherwise.
 
+``--model QRNN`` builds :class:`~awd_nonnormal.qrnn.QRNN` layers as AWD-LSTM does: window 2 in
+the first layer and 1 after, ``--wdrop`` as DropConnect on their gate weights ``weight_ih_l0``
+(keys ``rnns.{l}.weight_ih_l0_raw``), zoneout ``--zoneout``. With ``cutoffs`` (chosen from the
+vocabulary size unless given, see :mod:`awd_nonnormal.softmax`) the decoder is an adaptive softmax
+(``nn.AdaptiveLogSoftmaxWithLoss``), not tied to the embedding; ``forward`` then returns
+log-probabilities, which are valid logits (``log_softmax`` leaves them unchanged), and
+:meth:`RNNModel.nll` gives the per-token loss without the full (T, B, V) output.
+
 The module holds no hidden state: ``forward(input, hidden)`` takes the state of every layer and
 returns the new one (``init_hidden`` makes a zero state).
 """
@@ -28,12 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .init import InitOptions
 from .init import check_init as _check_init
 from .regularize import LockedDropout, WeightDrop, embedded_dropout
+from .qrnn import apply_qrnn_init, qrnn_input_init
 from .rnn import NONLINEARITIES, RNN_TYPES, build_rnn, init_hidden
+from .softmax import build_adaptive, check_cutoffs, check_projection, resolve_cutoffs
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ class ModelConfig:
     """Everything that defines an :class:`RNNModel` (AWD-LSTM's flags of the same names).
 
     Attributes:
-        rnn_type: ``LSTM``, ``GRU`` or ``RNN`` (vanilla).
+        rnn_type: ``LSTM``, ``GRU``, ``RNN`` (vanilla) or ``QRNN``.
         ntoken: vocabulary size V; ``None`` until the corpus is known (the training code fills
             it in from the vocabulary).
         emsize: embedding size E.
@@ -66,6 +77,9 @@ class ModelConfig:
         init: the :class:`~awd_nonnormal.init.InitOptions` of every recurrent layer (spec such as
             ``plain``, ``chain``, ``mixed`` or ``i=ramp,f=ramp,g=chain:alpha=1.02,o=ramp``,
             parameters, zero biases, plug-ins). A plain string is taken as the spec.
+        cutoffs: the adaptive softmax's cut-offs; ``None`` chooses them from ``ntoken``
+            (:func:`~awd_nonnormal.softmax.resolve_cutoffs`), ``()`` is the full softmax.
+        zoneout: zoneout of ``QRNN`` layers (AWD-LSTM: 0); ignored by the other types.
     """
 
     rnn_type: str = "LSTM"
@@ -81,6 +95,8 @@ class ModelConfig:
     tied: bool = True
     nonlinearity: str = "tanh"
     init: InitOptions = field(default_factory=InitOptions)
+    cutoffs: Optional[Tuple[int, ...]] = None
+    zoneout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rnn_type not in RNN_TYPES:
@@ -94,11 +110,14 @@ class ModelConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
+        for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop", "zoneout"):
             value = getattr(self, name)
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         object.__setattr__(self, "init", InitOptions.from_dict(self.init))
+        if self.cutoffs is not None:
+            object.__setattr__(self, "cutoffs", check_cutoffs([int(c) for c in self.cutoffs], self.ntoken))
+            check_projection(self.hidden_sizes[-1], self.cutoffs)
 
     @property
     def hidden_sizes(self) -> List[int]:
@@ -111,9 +130,18 @@ class ModelConfig:
         """Input features of each layer."""
         return [self.emsize] + self.hidden_sizes[:-1]
 
+    @property
+    def resolved_cutoffs(self) -> Tuple[int, ...]:
+        """The adaptive softmax's cut-offs for ``ntoken`` (``()``: the full softmax)."""
+        if self.ntoken is None:
+            raise ValueError("ModelConfig.ntoken is None: the cut-offs depend on the vocabulary size")
+        return resolve_cutoffs(self.cutoffs, self.ntoken)
+
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["init"] = self.init.to_dict()
+        if self.cutoffs is not None:
+            d["cutoffs"] = list(self.cutoffs)
         return d
 
     @classmethod
@@ -125,6 +153,7 @@ class ModelConfig:
         if isinstance(d.get("init"), str) or "init_params" in d or "init_zero_bias" in d:
             d["init"] = InitOptions(spec=d.get("init", "plain"), params=d.pop("init_params", None) or {},
                                     zero_bias=d.pop("init_zero_bias", False))
+        d.setdefault("cutoffs", ())  # written before the adaptive softmax existed: a full softmax
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -134,8 +163,13 @@ class ModelConfig:
 
 def check_init(config: ModelConfig) -> None:
     """Load the config's init plug-ins and resolve its spec for its cell type, so that a bad spec
-    fails at start-up (:func:`awd_nonnormal.init.check_init`)."""
-    _check_init(config.init, config.rnn_type)
+    fails at start-up (:func:`awd_nonnormal.init.check_init`; a QRNN takes only the initializers
+    of :func:`awd_nonnormal.qrnn.qrnn_input_init`)."""
+    if config.rnn_type == "QRNN":
+        config.init.load_plugins()
+        qrnn_input_init(config.init.spec, **config.init.params)
+    else:
+        _check_init(config.init, config.rnn_type)
 
 
 def repackage_hidden(h):
@@ -147,7 +181,7 @@ def repackage_hidden(h):
 
 
 class RNNModel(nn.Module):
-    """AWD-LSTM's language model for LSTM, GRU and vanilla RNN layers.
+    """AWD-LSTM's language model for LSTM, GRU, vanilla RNN and QRNN layers.
 
     Args:
         config: the :class:`ModelConfig`.
@@ -160,6 +194,7 @@ class RNNModel(nn.Module):
         if config.ntoken is None:
             raise ValueError("ModelConfig.ntoken is None: set it to the vocabulary size "
                              "(dataclasses.replace(config, ntoken=len(corpus.dictionary)))")
+        config = dataclasses.replace(config, cutoffs=config.resolved_cutoffs)
         self.config = config
         c = config
         # Built in AWD-LSTM's order (embedding, recurrent layers, decoder), so that with `plain`
@@ -167,8 +202,14 @@ class RNNModel(nn.Module):
         self.encoder = nn.Embedding(c.ntoken, c.emsize)
         layers = []
         for l, (n_in, n_hid) in enumerate(zip(c.input_sizes, c.hidden_sizes)):
-            layer = build_rnn(c.rnn_type, n_in, n_hid, 1, nonlinearity=c.nonlinearity)
-            if initialize and not c.init.is_pytorch_default():
+            layer = build_rnn(c.rnn_type, n_in, n_hid, 1, nonlinearity=c.nonlinearity,
+                              window=2 if l == 0 else 1, zoneout=c.zoneout)
+            if c.rnn_type == "QRNN":
+                if initialize and not c.init.is_pytorch_default():
+                    apply_qrnn_init(layer, c.init.spec, zero_bias=c.init.zero_bias, **c.init.params)
+                if c.wdrop > 0:  # AWD-LSTM: DropConnect on the gate weights (no hidden-to-hidden)
+                    layer = WeightDrop(layer, c.wdrop, weights=["weight_ih_l0"])
+            elif initialize and not c.init.is_pytorch_default():
                 if c.init.without_plugins() == InitOptions(zero_bias=True):
                     # keep the constructor's draws, zero the biases only
                     with torch.no_grad():
@@ -177,12 +218,15 @@ class RNNModel(nn.Module):
                                 p.zero_()
                 else:
                     c.init.apply(layer)
-            if c.wdrop > 0:
+            if c.wdrop > 0 and c.rnn_type != "QRNN":
                 layer = WeightDrop(layer, c.wdrop)
             layers.append(layer)
         self.rnns = nn.ModuleList(layers)
-        self.decoder = nn.Linear(c.hidden_sizes[-1], c.ntoken)
-        if c.tied:
+        if c.cutoffs:
+            self.decoder = build_adaptive(c.hidden_sizes[-1], c.ntoken, c.cutoffs)
+        else:
+            self.decoder = nn.Linear(c.hidden_sizes[-1], c.ntoken)
+        if c.tied and not c.cutoffs:
             # Inan et al. 2017, Press & Wolf 2017: one matrix for the input and output embeddings.
             self.decoder.weight = self.encoder.weight
         self.drop_i = LockedDropout(c.dropouti)
@@ -194,6 +238,8 @@ class RNNModel(nn.Module):
         """AWD-LSTM's ``init_weights``: embedding and decoder U(-0.1, 0.1), decoder bias 0."""
         with torch.no_grad():
             self.encoder.weight.uniform_(-0.1, 0.1)
+            if self.config.cutoffs:  # the adaptive softmax keeps its own initialisation
+                return
             self.decoder.bias.zero_()
             if not self.config.tied:
                 self.decoder.weight.uniform_(-0.1, 0.1)
@@ -205,7 +251,8 @@ class RNNModel(nn.Module):
             input: (T, B) word indices.
             hidden: one state per layer, as from :meth:`init_hidden` or the previous call.
             return_h: also return every layer's outputs (for AR/TAR).
-            decode: return logits (T, B, V); with False, the dropped last-layer output (T, B, E).
+            decode: return logits (T, B, V) (log-probabilities with an adaptive softmax); with
+                False, the dropped last-layer output (T, B, E), for :meth:`nll`.
 
         Returns:
             ``(logits, new_hidden)``, or ``(logits, new_hidden, raw_outputs, outputs)`` with
@@ -229,14 +276,34 @@ class RNNModel(nn.Module):
                 outputs.append(raw_output)
         output = self.drop_o(raw_output)  # (T, B, N_last)
         outputs.append(output)
-        result = self.decoder(output) if decode else output  # (T, B, V) or (T, B, N_last)
+        result = output  # (T, B, N_last)
+        if decode:
+            result = self.log_probs(output) if c.cutoffs else self.decoder(output)  # (T, B, V)
         if return_h:
             return result, new_hidden, raw_outputs, outputs
         return result, new_hidden
 
+    def log_probs(self, output: Tensor) -> Tensor:
+        """Log-probabilities (..., V) of the next word from last-layer outputs (..., E)."""
+        if not self.config.cutoffs:
+            return F.log_softmax(self.decoder(output), dim=-1)
+        flat = output.reshape(-1, output.size(-1))  # (N, E)
+        return self.decoder.log_prob(flat).view(*output.shape[:-1], self.config.ntoken)
+
+    def nll(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Per-token negative log-likelihood (N,) in nats of ``targets`` (N,) given last-layer
+        outputs (..., E) with N rows; an adaptive softmax evaluates only the targets' clusters."""
+        flat = output.reshape(-1, output.size(-1))  # (N, E)
+        if not self.config.cutoffs:
+            return F.cross_entropy(self.decoder(flat), targets, reduction="none")
+        return -self.decoder(flat, targets).output
+
     def init_hidden(self, batch_size: int) -> Hidden:
         """A zero state for every layer, on the model's device and dtype."""
         w = self.encoder.weight
+        if self.config.rnn_type == "QRNN":  # a window-2 layer also carries its last input
+            return [(rnn.module if isinstance(rnn, WeightDrop) else rnn).init_hidden(
+                batch_size, device=w.device, dtype=w.dtype) for rnn in self.rnns]
         return [init_hidden(self.config.rnn_type, 1, batch_size, n, device=w.device, dtype=w.dtype)
                 for n in self.config.hidden_sizes]
 

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 logger = logging.getLogger(__name__)
 
 NONLINEARITIES = ("tanh", "relu", "elu", "linear")
-RNN_TYPES = ("LSTM", "GRU", "RNN")
+RNN_TYPES = ("LSTM", "GRU", "RNN", "QRNN")
 IMPLS = ("auto", "fused", "python", "onednn")
 """``auto``: the fastest exact path for the device and shape; ``fused``: PyTorch's kernel (tanh and
 relu only); ``python``: the hand-written backpropagation through time with every product by
@@ -531,16 +531,26 @@ def build_rnn(
     num_layers: int = 1,
     nonlinearity: str = "tanh",
     bias: bool = True,
+    window: int = 1,
+    zoneout: float = 0.0,
 ) -> nn.Module:
     """The one place that builds a recurrent layer of any kind (sequence-first, no dropout).
 
     Args:
         rnn_type: one of :data:`RNN_TYPES`: ``"LSTM"`` -> ``nn.LSTM``, ``"GRU"`` -> ``nn.GRU``,
-            ``"RNN"`` -> :class:`RNN` (vanilla, any of :data:`NONLINEARITIES`).
+            ``"RNN"`` -> :class:`RNN` (vanilla, any of :data:`NONLINEARITIES`),
+            ``"QRNN"`` -> :class:`awd_nonnormal.qrnn.QRNN` (one layer only).
         input_size, hidden_size, num_layers, bias: as in ``nn.LSTM``.
         nonlinearity: activation of the vanilla RNN; checked for every type, used only by ``RNN``.
+        window, zoneout: the QRNN's convolution width (1 or 2) and zoneout; used only by ``QRNN``.
     """
     _check_nonlinearity(nonlinearity)
+    if rnn_type == "QRNN":
+        from .qrnn import QRNN
+
+        if num_layers != 1:
+            raise ValueError(f"a QRNN layer is built one layer at a time (num_layers=1), got {num_layers}")
+        return QRNN(input_size, hidden_size, window=window, zoneout=zoneout, bias=bias)
     if rnn_type == "LSTM":
         return nn.LSTM(input_size, hidden_size, num_layers, bias=bias)
     if rnn_type == "GRU":
@@ -559,7 +569,8 @@ def init_hidden(
     dtype: Optional[torch.dtype] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Zero initial state for a layer from :func:`build_rnn`: ``(h, c)`` for LSTM, ``h`` otherwise,
-    each (num_layers, batch_size, hidden_size)."""
+    each (num_layers, batch_size, hidden_size). For a QRNN that is the state of a window-1 layer;
+    a window-2 layer's state comes from its own ``init_hidden``."""
     if rnn_type not in RNN_TYPES:
         raise ValueError(f"unknown rnn_type {rnn_type!r}; valid choices: {', '.join(RNN_TYPES)}")
     shape = (num_layers, batch_size, hidden_size)

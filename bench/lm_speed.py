@@ -1,7 +1,8 @@
 """Training and evaluation speed, and peak memory, of the language model's real training loop.
 
     python bench/lm_speed.py [--device auto|cpu|cuda] [--batches 3] [--configs ptb,small]
-                             [--models LSTM,RNN-tanh,RNN-elu] [--threads N]
+                             [--models LSTM,QRNN,RNN-tanh,RNN-elu] [--threads N]
+    python bench/lm_speed.py --configs wt103,wt103-adaptive --models LSTM,QRNN   # large vocabulary
 
 For each configuration and model it builds :class:`awd_nonnormal.lm.Trainer` on random token data
 and runs :meth:`Trainer._train_epoch` (variable BPTT, dropouts, weight drop, AR/TAR, clipping,
@@ -19,7 +20,12 @@ SGD: exactly what ``main.py`` runs) over about ``--batches`` batches after one w
 
 Configurations: ``ptb`` is AWD-LSTM's word-level PTB model (vocabulary 10,000, emsize 400,
 nhid 1150, 3 layers, bptt 70, batch 80); ``small`` is emsize 200, nhid 256, 2 layers, bptt 35,
-batch 20. On a CPU shared with other jobs the figures move by tens of percent from run to run.
+batch 20. ``wt103`` has WikiText-103's vocabulary (267,735 words) with a full softmax and
+``wt103-adaptive`` the same with the adaptive softmax at AWD-LSTM's cut-offs (2800, 20000,
+76000); both use emsize 400, nhid 1150, 3 layers, bptt 35 and batch 10 (small enough for a CPU:
+the full softmax's logits alone are 350 x 267,735 floats per batch) and draw the tokens from a
+Zipf distribution (p(rank r) ~ 1/r, ids in rank order), so that the head covers most targets as
+it does on real text. On a CPU shared with other jobs the figures move by tens of percent from run to run.
 """
 
 from __future__ import annotations
@@ -47,9 +53,13 @@ from awd_nonnormal.utils import resolve_device  # noqa: E402
 CONFIGS = {
     "ptb": dict(vocab=10000, emsize=400, nhid=1150, nlayers=3, bptt=70, batch_size=80),
     "small": dict(vocab=10000, emsize=200, nhid=256, nlayers=2, bptt=35, batch_size=20),
+    "wt103": dict(vocab=267735, emsize=400, nhid=1150, nlayers=3, bptt=35, batch_size=10,
+                  cutoffs=(), zipf=True),
+    "wt103-adaptive": dict(vocab=267735, emsize=400, nhid=1150, nlayers=3, bptt=35, batch_size=10,
+                           cutoffs=None, zipf=True),
 }
 MODELS = {"LSTM": ("LSTM", "tanh"), "GRU": ("GRU", "tanh"), "RNN-tanh": ("RNN", "tanh"),
-          "RNN-relu": ("RNN", "relu"), "RNN-elu": ("RNN", "elu")}
+          "RNN-relu": ("RNN", "relu"), "RNN-elu": ("RNN", "elu"), "QRNN": ("QRNN", "tanh")}
 EVAL_BATCH = 10
 
 
@@ -65,11 +75,17 @@ def measure(config: str, model: str, device_name: str, batches: int) -> dict:
     g = torch.Generator().manual_seed(0)
     # enough rows for `batches` batches of the longest likely length (bptt + 3 sd), plus the end
     rows = batches * (c["bptt"] + 15) + 2
-    train = torch.randint(0, c["vocab"], (rows * c["batch_size"],), generator=g)
-    valid = torch.randint(0, c["vocab"], ((batches * c["bptt"] + 1) * EVAL_BATCH,), generator=g)
+    n_train, n_valid = rows * c["batch_size"], (batches * c["bptt"] + 1) * EVAL_BATCH
+    if c.get("zipf"):
+        weights = 1.0 / torch.arange(1, c["vocab"] + 1, dtype=torch.float64)  # Zipf: p(r) ~ 1/r
+        train = torch.multinomial(weights, n_train, replacement=True, generator=g)
+        valid = torch.multinomial(weights, n_valid, replacement=True, generator=g)
+    else:
+        train = torch.randint(0, c["vocab"], (n_train,), generator=g)
+        valid = torch.randint(0, c["vocab"], (n_valid,), generator=g)
     corpus = Corpus(Dictionary(str(i) for i in range(c["vocab"])), train, valid, valid, "bench")
     mc = ModelConfig(rnn_type=rnn_type, nonlinearity=nonlinearity, emsize=c["emsize"], nhid=c["nhid"],
-                     nlayers=c["nlayers"], ntoken=c["vocab"])
+                     nlayers=c["nlayers"], ntoken=c["vocab"], cutoffs=c.get("cutoffs", ()))
     tc = TrainConfig(data="(random)", batch_size=c["batch_size"], eval_batch_size=EVAL_BATCH,
                      bptt=c["bptt"], epochs=1, progress=False, device=device_name,
                      lr=1.0)  # lr 30 lets an untuned elu RNN diverge on random tokens; speed is the same
@@ -128,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=2, help="timed training batches and eval chunks")
     p.add_argument("--configs", type=_names(CONFIGS), default="small,ptb",
                    help=f"comma-separated, from: {', '.join(CONFIGS)} (default: %(default)s)")
-    p.add_argument("--models", type=_names(MODELS), default="LSTM,RNN-tanh,RNN-elu",
+    p.add_argument("--models", type=_names(MODELS), default="LSTM,QRNN,RNN-tanh,RNN-elu",
                    help=f"comma-separated, from: {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -146,7 +162,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}); torch {torch.__version__}; {args.batches} timed batches each")
     mem = "peak MiB (CUDA max allocated)" if device.type == "cuda" else "peak MiB (RSS growth)"
-    print(f"{'config':<7} {'model':<9} {'ms/batch':>9} {'train tok/s':>12} {'eval tok/s':>11} {mem:>30}")
+    print(f"{'config':<14} {'model':<9} {'ms/batch':>9} {'train tok/s':>12} {'eval tok/s':>11} {mem:>30}")
     results, failed = [], 0
     for config in args.configs:
         for model in args.models:
@@ -155,12 +171,12 @@ def main(argv=None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
             if proc.returncode != 0:
                 lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-                print(f"{config:<7} {model:<9} failed: {lines[-1]}")
+                print(f"{config:<14} {model:<9} failed: {lines[-1]}")
                 failed += 1
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
-            print(f"{config:<7} {model:<9} {r['ms_per_batch']:>9.0f} {r['train_tok_s']:>12.0f} "
+            print(f"{config:<14} {model:<9} {r['ms_per_batch']:>9.0f} {r['train_tok_s']:>12.0f} "
                   f"{r['eval_tok_s']:>11.0f} {r['peak_mib']:>30.0f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -50,6 +50,9 @@ def test_main_setup_command_parses():
 COMMANDS = [
     [sys.executable, "main.py"],
     [sys.executable, "analyze.py"],
+    [sys.executable, "finetune.py"],
+    [sys.executable, "pointer.py"],
+    [sys.executable, "generate.py"],
     [sys.executable, "-m", "awd_nonnormal.tasks", "train"],
     [sys.executable, "-m", "awd_nonnormal.tasks", "sweep"],
     [sys.executable, "-m", "awd_nonnormal.experiments", "memory"],

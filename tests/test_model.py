@@ -35,7 +35,10 @@ def hh_weights(model):
 # ---------------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(rnn_type="QRNN"), "rnn_type"),
+    (dict(rnn_type="SRU"), "rnn_type"),
+    (dict(zoneout=1.0), "zoneout"),
+    (dict(ntoken=10, cutoffs=(5, 3)), "increasing"),
+    (dict(ntoken=10, cutoffs=(5, 10)), "below the vocabulary size"),
     (dict(nonlinearity="sigmoid"), "nonlinearity"),
     (dict(dropout=1.0), "dropout"),
     (dict(wdrop=-0.1), "wdrop"),

@@ -302,7 +302,7 @@ def test_bad_inputs():
         m(torch.randn(T, B, D))
 
 
-@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+@pytest.mark.parametrize("rnn_type", [t for t in RNN_TYPES if t != "QRNN"])  # QRNN: test_qrnn.py
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_build_rnn_and_init_hidden(rnn_type, num_layers):
     layer = build_rnn(rnn_type, D, N, num_layers, nonlinearity="elu")
@@ -324,8 +324,8 @@ def test_build_rnn_and_init_hidden(rnn_type, num_layers):
 
 
 def test_build_rnn_errors_list_the_options():
-    with pytest.raises(ValueError, match="LSTM, GRU, RNN"):
-        build_rnn("QRNN", D, N)
+    with pytest.raises(ValueError, match="LSTM, GRU, RNN, QRNN"):
+        build_rnn("SRU", D, N)
     with pytest.raises(ValueError, match="LSTM, GRU, RNN"):
         init_hidden("lstm", 1, B, N)
     with pytest.raises(ValueError, match="tanh, relu, elu, linear"):
