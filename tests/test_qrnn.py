@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from awd_nonnormal.init import InitSpecError
+from awd_nonnormal.init import InitOptions, InitSpecError
 from awd_nonnormal.model import ModelConfig, RNNModel, check_init
 from awd_nonnormal.qrnn import QRNN, fo_pool, qrnn_initializers
 from awd_nonnormal.rnn import build_rnn
@@ -141,7 +141,7 @@ def test_recurrent_initializers_are_refused_with_the_working_list(spec):
 
 
 def test_input_initializers_apply_to_every_gate_block():
-    m = RNNModel(qrnn_config(init="source", init_params={"scale": 0.5}, init_zero_bias=True, wdrop=0.0))
+    m = RNNModel(qrnn_config(init=InitOptions("source", {"scale": 0.5}, zero_bias=True), wdrop=0.0))
     w = m.rnns[1].weight_ih_l0  # (3N, d)
     for block in w.chunk(3, 0):
         assert torch.equal(block, 0.5 * torch.eye(*block.shape))
