@@ -72,7 +72,7 @@ class _GoneCuda(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         prog=PROG,
-        description="Train an AWD-LSTM-style language model (LSTM, GRU or vanilla RNN) with "
+        description="Train an AWD-LSTM-style language model (LSTM, GRU, vanilla RNN or QRNN) with "
                     "non-normal initializers (Orhan & Pitkow, ICLR 2020).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()

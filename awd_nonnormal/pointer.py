@@ -31,6 +31,9 @@ from .model import RNNModel
 
 logger = logging.getLogger(__name__)
 
+#: Rows of last-layer output whose loss is computed at once (bounds the (rows, V) logits).
+_NLL_ROWS = 1024
+
 __all__ = ["CacheConfig", "CacheResult", "stream_outputs", "cache_log_probs", "mix_nll",
            "evaluate_with_cache"]
 
@@ -86,9 +89,12 @@ def stream_outputs(model: RNNModel, ids: Tensor, bptt: int) -> Tuple[Tensor, Ten
         for i in range(0, source.size(0) - 1, bptt):
             data, targets = get_batch(source, i, bptt)  # (L, 1), (L,)
             output, hidden = model(data, hidden, decode=False)  # (L, 1, E)
-            outs.append(output.view(-1, output.size(-1)))
             tgts.append(targets)
-            nlls.append(model.nll(output, targets))
+            flat = output.view(-1, output.size(-1))  # (L, E)
+            outs.append(flat)
+            # in blocks of rows, so that a full softmax over a large vocabulary fits in memory
+            nlls.append(torch.cat([model.nll(o, t) for o, t in
+                                   zip(flat.split(_NLL_ROWS), targets.split(_NLL_ROWS))]))
             done += targets.numel()
             ends.append(done)
     return torch.cat(outs), torch.cat(tgts), torch.cat(nlls), torch.tensor(ends)
