@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from awd_nonnormal import lm
-from awd_nonnormal.checkpoint import load_checkpoint
+from awd_nonnormal.checkpoint import load_checkpoint, load_initial
 from awd_nonnormal.finetune import FinetuneError, default_target, finetune
 from awd_nonnormal.runs import RunExistsError
 from awd_nonnormal.model import ModelConfig
@@ -57,6 +57,10 @@ def test_finetune_lowers_validation_loss_and_leaves_the_source_untouched(source)
     assert {k: after[k] for k in before} == before  # every source file byte-identical
     ckpt = load_checkpoint(result.paths.best, kind="lm")
     assert ckpt["finetuned_from"]["path"] == str(source.paths.best)
+    src_initial = load_initial(load_checkpoint(source.paths.best, kind="lm"), source.paths.best)
+    ft_initial = load_initial(ckpt, result.paths.best)
+    assert src_initial and src_initial.keys() == ft_initial.keys()
+    assert all(torch.equal(src_initial[k], ft_initial[k]) for k in src_initial)
     metrics = [json.loads(line) for line in result.paths.metrics.read_text().splitlines()]
     assert [m["optimizer"] for m in metrics] == ["asgd"] * 2
     latest = load_checkpoint(result.paths.latest, kind="lm")
