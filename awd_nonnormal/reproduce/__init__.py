@@ -52,6 +52,18 @@ def machine_name() -> str:
     return f"{name}, {os.cpu_count()} logical CPU(s)"
 
 
+def code_version() -> str:
+    """``awd_nonnormal <version>``, with the git commit of the source tree when it is a checkout."""
+    import subprocess
+    text = f"awd_nonnormal {__version__}"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{text} (git {commit})" if commit else text
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -68,8 +80,7 @@ def render(budget: Budget, sections: Sequence[Section], *, command: str, started
              f"- command: `{command}`",
              f"- started: {started}; wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min"
              + ("" if finished else " (so far: the report is unfinished)"),
-             f"- machine: {machine_name()}; device {device}; torch {torch.__version__}; "
-             f"awd_nonnormal {__version__}",
+             f"- machine: {machine_name()}; device {device}; torch {torch.__version__}; {code_version()}",
              f"- budget: {budget.note}", "",
              "Verdicts: **reproduced**, **not reproduced**, or **not run at this budget**. A verdict at a small "
              "budget is about the small experiment described in its section, not about the paper's; each "

@@ -116,8 +116,9 @@ def success_counts(counts: Mapping[str, Tuple[int, int]], better: Sequence[str],
     w = max((frac[k] for k in worse if k in frac), default=None)
     if b is None or w is None or not any(n for _, n in counts.values()):
         return not_run(claim, "no finished runs")
+    none = "" if b or w else " (no run of either kind succeeded)"
     return Verdict(claim, _ok(b > w), f"criterion: best success fraction of {'/'.join(better)} > best "
-                   f"of {'/'.join(worse)}; ours: {shown}")
+                   f"of {'/'.join(worse)}; ours: {shown}{none}")
 
 
 def henrici_positive(trained: Sequence[float], initial: Sequence[float], claim: str, *,
