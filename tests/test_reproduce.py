@@ -138,6 +138,16 @@ def test_smoke_report_has_every_section_and_resumes_without_training(tmp_path):
     assert _trained_files(out) == trained, "a finished run was trained again"
     assert again.read_text().count("## ") == text.count("## ")
 
+    # a language model whose result was not recorded (killed after its last epoch) is resumed
+    # from its latest state, not started again: same test loss, the vanilla RNNs' other runs kept
+    run_dir = out / "runs" / "lm-vanilla" / "toy" / "chain-s1"
+    before = (run_dir / "result.json").read_text()
+    (run_dir / "result.json").unlink()
+    reproduce("smoke", out, device="cpu", data_dir=data)
+    assert (run_dir / "result.json").read_text() == before
+    kept = {k: v for k, v in trained.items() if "chain-s1" not in k}
+    assert {k: v for k, v in _trained_files(out).items() if k in kept} == kept
+
 
 def test_cli_rejects_a_bad_budget_in_one_line():
     r = subprocess.run([sys.executable, "-m", "awd_nonnormal.reproduce", "--budget", "huge"], cwd=ROOT,
