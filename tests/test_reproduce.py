@@ -137,6 +137,7 @@ def test_smoke_report_has_every_section_and_resumes_without_training(tmp_path):
     again = reproduce("smoke", out, device="cpu", data_dir=data)
     assert _trained_files(out) == trained, "a finished run was trained again"
     assert again.read_text().count("## ") == text.count("## ")
+    assert "all 2 invocations into this folder" in again.read_text()
 
     # a language model whose result was not recorded (killed after its last epoch) is resumed
     # from its latest state, not started again: same test loss, the vanilla RNNs' other runs kept

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["BUDGETS", "reproduce", "render", "machine_name", "REPORT_FILE"]
 
 REPORT_FILE = "REPORT.md"
+TIMES_FILE = "times.json"   # wall and CPU time of every invocation into the folder
 TITLES = (("memory", "1. Figure 1b-c: memory curves and J_tot"),
           ("decoding", "2. Figures 2, 7, 8: linear decoding"),
           ("tasks", "3. Figure 3: copy, addition, psMNIST"),
@@ -71,15 +72,27 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def render(budget: Budget, sections: Sequence[Section], *, command: str, started: str, wall: float,
-           cpu: float, device: str, finished: bool) -> str:
+def format_times(invocations: Sequence[dict]) -> str:
+    """The header's time line: this invocation's wall and CPU time and, after a resume, the sums
+    over every invocation that wrote into the same folder."""
+    last = invocations[-1]
+    text = (f"started {last['started']}; wall time {last['wall'] / 60:.1f} min, CPU time "
+            f"{last['cpu'] / 60:.1f} min (this process and its workers)")
+    if len(invocations) > 1:
+        text += (f"; all {len(invocations)} invocations into this folder: wall time "
+                 f"{sum(i['wall'] for i in invocations) / 60:.1f} min, CPU time "
+                 f"{sum(i['cpu'] for i in invocations) / 60:.1f} min (first started {invocations[0]['started']})")
+    return text
+
+
+def render(budget: Budget, sections: Sequence[Section], *, command: str, invocations: Sequence[dict],
+           device: str, finished: bool) -> str:
     done = {s.key: s for s in sections}
     lines = [f"# Reproduction report: budget `{budget.name}`", "",
              f"Orhan & Pitkow (ICLR 2020), \"Improved memory in recurrent neural networks with sequential "
              f"non-normal dynamics\": the paper's numbers and claims beside ours.", "",
              f"- command: `{command}`",
-             f"- started: {started}; wall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min"
-             + ("" if finished else " (so far: the report is unfinished)"),
+             f"- {format_times(invocations)}" + ("" if finished else " (so far: the report is unfinished)"),
              f"- machine: {machine_name()}; device {device}; torch {torch.__version__}; {code_version()}",
              f"- budget: {budget.note}", "",
              "Verdicts: **reproduced**, **not reproduced**, or **not run at this budget**. A verdict at a small "
@@ -108,7 +121,7 @@ def reproduce(budget: Union[str, Budget], out: Union[str, Path], *, device: str 
               workers: Optional[int] = None, data_dir: Union[str, Path] = "data", command: str = "",
               on_section: Optional[Callable[[Section], None]] = None) -> Path:
     """Run every section at ``budget`` into ``out`` and return the path of ``REPORT.md``."""
-    from ..runs import write_text
+    from ..runs import read_json, write_json, write_text
     b = BY_NAME[budget] if isinstance(budget, str) else budget
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +131,14 @@ def reproduce(budget: Union[str, Budget], out: Union[str, Path], *, device: str 
     sections: List[Section] = []
     report = out / REPORT_FILE
 
+    times_file = out / TIMES_FILE
+    earlier = [i for i in (read_json(times_file) or []) if isinstance(i, dict)]
+
     def write(finished: bool) -> None:
-        write_text(report, render(b, sections, command=command, started=started, wall=time.time() - t0,
-                                  cpu=cpu_seconds() - c0, device=device, finished=finished) + "\n")
+        now = {"started": started, "wall": time.time() - t0, "cpu": cpu_seconds() - c0, "finished": finished}
+        write_json(times_file, earlier + [now])
+        write_text(report, render(b, sections, command=command, invocations=earlier + [now], device=device,
+                                  finished=finished) + "\n")
 
     def add(section: Section) -> None:
         sections.append(section)
