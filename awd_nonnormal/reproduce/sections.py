@@ -93,7 +93,7 @@ def section_memory(ctx: Context) -> Section:
         f"{cfg.fb_alpha:g}, beta = {cfg.fb_beta:g}):",
         _table(("network", "J_tot", "J_tot / N", "peak pulse norm"), rows),
         f"![Figure 1b-c]({fig.name})",
-        "Command: " + _code(cmd),
+        "Command:\n" + _code(cmd),
         "Scale: exact (closed-form Fisher memory of the paper's networks). The chain's J_tot grows "
         "towards N as alpha grows; the paper's figure does not state its alpha.",
     ])
@@ -129,7 +129,7 @@ def section_decoding(ctx: Context) -> Section:
         _table(("condition", "chain in sample", "orthogonal in sample", "chain held out",
                 "orthogonal held out"), table),
         f"![Figure 2]({fig.name})",
-        "Command: " + _code(cmd),
+        "Command:\n" + _code(cmd),
         "Scale: the paper's. The in-sample R^2 of 250 trials on 100 features is inflated (a regression "
         "on noise alone reaches about 0.4), which is why the held-out figure is given too.",
     ])
@@ -236,7 +236,7 @@ def section_tasks(ctx: Context) -> Tuple[Section, Dict[str, Any]]:
                   _table(("model", "best config", "final val loss (mean +- s.e.m. over seeds)",
                           "successful runs", "diverged", "paper's successes"), rows),
                   " ".join(f"![{f}]({f})" for f in figures if f.startswith(f"fig3_{task}")),
-                  "Command: " + _code(cmd)]
+                  "Command:\n" + _code(cmd)]
     parts.append("Scale: far below the paper's for every budget but `full`; short sequences make the task "
                  "easier for every initializer, so the gap between them (the paper's point) may shrink or "
                  "vanish, and with few epochs most runs have not converged.")
@@ -524,7 +524,7 @@ def section_table2(ctx: Context, summaries: Mapping[str, Any]) -> Section:
         parts += [f"### {task}", f"Networks: the identity and orthogonal runs of section 3 ({which}).",
                   _table(("init", "networks", "d(W) trained", "d(W)/||W||_F trained", "d(W) initial",
                           "z(+1) vs shuffled order", "paper d(W)"), rows),
-                  f"![Figure 5]({fig.name})", "Command: " + _code(cmd)]
+                  f"![Figure 5]({fig.name})", "Command:\n" + _code(cmd)]
     parts.append("Scale: our networks trained on short sequences for a few epochs (section 3), so their "
                  "weights moved less than the paper's; d(W) is in absolute units and grows with how far "
                  "training moved W. Any update that is not itself normal makes d(W) > 0, so the Henrici "
@@ -597,7 +597,7 @@ def section_table3(ctx: Context) -> Section:
                f"--null-samples {ctx.budget.null_samples} --out {shlex.quote(str(ctx.runs / 'analysis' / ('lstm-' + corpus)))}")
         parts += [f"Figure 6: gates of layer {layer['index']} of the orthogonally initialised LSTM(s):",
                   _table(("gate", "d(W)/||W||_F", "z(+1)", "shape test"), grow),
-                  f"![Figure 6]({fig.name})", "Command: " + _code(cmd)]
+                  f"![Figure 6]({fig.name})", "Command:\n" + _code(cmd)]
     parts.append("Scale: the paper's LSTMs are AWD-LSTMs trained for 60-500 epochs on PTB and enwik8, and "
                  "its differences between initializers are 0.01-0.02 bits; a few epochs of a small LSTM "
                  "on the toy corpus cannot resolve differences of that size, so these verdicts are weak "
