@@ -20,14 +20,14 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from . import verdicts as V
 from .budgets import BUDGETS, BY_NAME, Budget
 from .sections import (Context, Section, cell, section_decoding, section_memory, section_table1, section_table2,
                        section_table3, section_tasks)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUDGETS", "reproduce", "render", "machine_name", "REPORT_FILE"]
+__all__ = ["BUDGETS", "REPORT_FILE", "TIMES_FILE", "TITLES", "reproduce", "render", "format_times", "machine_name",
+           "code_version", "cpu_seconds"]
 
 REPORT_FILE = "REPORT.md"
 TIMES_FILE = "times.json"   # wall and CPU time of every invocation into the folder
@@ -159,4 +159,3 @@ def reproduce(budget: Union[str, Budget], out: Union[str, Path], *, device: str 
     return report
 
 
-__all__ += ["V"]

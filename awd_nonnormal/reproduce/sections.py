@@ -184,7 +184,6 @@ def run_task(ctx: Context, task: str, tb: TaskBudget) -> Tuple[Dict[str, Any], s
 
 def section_tasks(ctx: Context) -> Tuple[Section, Dict[str, Any]]:
     """Figure 3; returns the section and the per-task summaries (section 5 reads them)."""
-    from ..tasks.config import get_task
     parts = [f"**Paper.** {paper.FIGURE3['claim']}"]
     verdicts: List[V.Verdict] = []
     figures: List[str] = []
@@ -255,10 +254,6 @@ class LMRun:
     params: Tuple[Tuple[str, float], ...]
     seed: int
     folder: Path
-
-    @property
-    def label(self) -> str:
-        return self.init + "".join(f" {k}={v:g}" for k, v in self.params)
 
 
 def toy_corpus(ctx: Context) -> Path:
@@ -378,8 +373,9 @@ def _best_config(results: Mapping[LMRun, Dict[str, Any]]) -> Optional[Dict[str, 
         if best is None or v < best["val"]:
             bits = [res["test_bits"] for _, res in items if res.get("test_bits") is not None]
             m, s = mean_sem(bits)
-            best = {"params": dict(params), "val": v, "test_bits": m, "test_sem": s, "n": len(bits),
-                    "command": items[0][1]["command"], "label": items[0][0].label}
+            best = {"params": dict(params), "val": v, "test_bits": m, "test_sem": s if len(bits) > 1 else None,
+                    "n": len(bits), "command": items[0][1]["command"],
+                    "label": ", ".join(f"{k}={x:g}" for k, x in params) or "its defaults"}
     return best
 
 
@@ -501,10 +497,11 @@ def section_table2(ctx: Context, summaries: Mapping[str, Any]) -> Section:
             initial = [r["initial"][0]["gates"][gate]["henrici_raw"] for r in data["checkpoints"]
                        if r["group"] == g["label"] and r.get("initial")]
             ref = paper.TABLE2.get(task, {}).get(init)
-            rows.append((init, g["n"], _pm(st["henrici_raw"]["mean"], st["henrici_raw"]["sem"]),
-                         _pm(st["henrici_normalized"]["mean"], st["henrici_normalized"]["sem"]),
-                         _pm(ist["henrici_raw"]["mean"], ist["henrici_raw"]["sem"]) if ist else "-",
-                         _pm(st["plus1_z"]["mean"], st["plus1_z"]["sem"], ".2f"),
+            sem = (lambda stat: None) if g["n"] < 2 else (lambda stat: stat["sem"])  # noqa: E731
+            rows.append((init, g["n"], _pm(st["henrici_raw"]["mean"], sem(st["henrici_raw"])),
+                         _pm(st["henrici_normalized"]["mean"], sem(st["henrici_normalized"])),
+                         _pm(ist["henrici_raw"]["mean"], sem(ist["henrici_raw"])) if ist else "-",
+                         _pm(st["plus1_z"]["mean"], sem(st["plus1_z"]), ".2f"),
                          _pm(*ref, ".2f") if ref else "-"))
             verdicts.append(V.henrici_positive(trained, initial, f"{task}, {init}: d(W) > 0 after training"))
             prof = st["profile"]
@@ -588,8 +585,10 @@ def section_table3(ctx: Context) -> Section:
             else:
                 v = V.increasing(prof["offsets"], prof["mean"], f"{corpus}: LSTM gate {gate} profile increases with i - j")
             verdicts.append(v)
-            grow.append((gate, _pm(st["henrici_normalized"]["mean"], st["henrici_normalized"]["sem"]),
-                         _pm(st["plus1_z"]["mean"], st["plus1_z"]["sem"], ".2f"), v.reason.split("ours: ")[-1]))
+            one = st["n"] < 2    # the s.e.m. of one network is undefined (shown as the mean alone)
+            grow.append((gate, _pm(st["henrici_normalized"]["mean"], None if one else st["henrici_normalized"]["sem"]),
+                         _pm(st["plus1_z"]["mean"], None if one else st["plus1_z"]["sem"], ".2f"),
+                         v.reason.split("ours: ")[-1]))
         fig = plots.weight_profile_figure(panels, ctx.out / f"fig6_{corpus}_gates.png",
                                           title=f"{corpus}: orthogonal LSTM, layer {layer['index']} gates")
         figures.append(fig.name)
