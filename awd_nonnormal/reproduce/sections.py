@@ -433,7 +433,10 @@ def section_table1(ctx: Context) -> Section:
             ref = paper.TABLE1.get(corpus, {}).get(name)
             rows.append((name, b["label"] if b else "-", _pm(b["test_bits"], b["test_sem"]) if b else "-",
                          b["n"] if b else 0, _pm(*ref) if ref else "-"))
-        parts += [f"Settings: {_settings_line(lb)}; corpus {data}.",
+        gains = ("" if lb.scales != (None,) else " Every initializer keeps its default parameters (chain "
+                 "alpha 1, fbchain alpha 0.99 and beta 0.04, identity and orthogonal gain 1): the paper "
+                 "swept 21 values per initializer and reports the best, whose values it does not give.")
+        parts += [f"Settings: {_settings_line(lb)}; corpus {data}.{gains}",
                   _table(("init", "best config", "test bits/token (ours)", "seeds", "paper"), rows)]
         for label, fam in (("paper's direction", forward), ("port's direction (reverse)", {
                 "identity": forward.get("identity"), "orthogonal": forward.get("orthogonal"),
