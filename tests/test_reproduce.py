@@ -1,16 +1,22 @@
 """The reproduction report: verdicts on hand-made numbers (a claim that holds and one that does
 not), and the smoke budget end to end, twice (the second run trains nothing)."""
 
+import dataclasses
+import gzip
+import logging
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from awd_nonnormal.reproduce import REPORT_FILE, TITLES, reproduce
 from awd_nonnormal.reproduce import verdicts as V
-from awd_nonnormal.reproduce.sections import cell
+from awd_nonnormal.reproduce.budgets import SMOKE
+from awd_nonnormal.reproduce.sections import Context, cell, section_table2, section_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +161,33 @@ def test_cli_rejects_a_bad_budget_in_one_line():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "huge" in r.stderr
+
+
+def _fake_mnist(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
+    """Random 28 x 28 IDX files in MNIST's layout (the report only needs the shape)."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        imgs = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labs = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        for kind, raw in (("images-idx3", struct.pack(">iiii", 2051, n, 28, 28) + imgs.numpy().tobytes()),
+                          ("labels-idx1", struct.pack(">ii", 2049, n) + labs.numpy().tobytes())):
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as fh:
+                fh.write(raw)
+    return folder
+
+
+def test_psmnist_runs_through_batched_ensembles_and_feeds_table2(tmp_path, caplog):
+    data = tmp_path / "data"
+    _fake_mnist(data / "mnist")
+    budget = dataclasses.replace(SMOKE, tasks={"psmnist": SMOKE.tasks["psmnist"]})
+    ctx = Context(out=tmp_path / "report", budget=budget, device="cpu", workers=1, data_dir=data)
+    ctx.out.mkdir()
+    with caplog.at_level(logging.INFO, logger="awd_nonnormal.tasks.sweep"):
+        section, summaries = section_tasks(ctx)
+    # N = 25 on a CPU: --ensemble auto trains the 4 runs as one batched model
+    assert any("in ensembles of up to 4" in r.getMessage() for r in caplog.records)
+    assert summaries["psmnist"]["models"]["chain"]["finished"] == 1
+    assert "--ensemble auto" in section.text and "not run: no MNIST" not in section.text
+    table2 = section_table2(ctx, summaries)
+    assert "### psmnist" in table2.text and (ctx.out / "fig5_psmnist_profiles.png").is_file()

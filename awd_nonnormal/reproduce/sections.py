@@ -1,8 +1,9 @@
 """The six sections of the reproduction report. Each ``section_*`` function runs (or resumes) what
 its budget allows and returns a :class:`Section`: markdown text, verdicts and figure names.
 
-Runs live under ``<out>/runs``: task sweeps through :mod:`awd_nonnormal.tasks.sweep` (a finished
-run is skipped, an interrupted one resumed), language models through :func:`awd_nonnormal.lm.run`
+Runs live under ``<out>/runs``: task sweeps through :mod:`awd_nonnormal.tasks.sweep` with
+``--ensemble auto`` (batched ensembles where they pay: on a GPU, or narrow layers on a CPU; a
+finished run is skipped, an interrupted one resumed), language models through :func:`awd_nonnormal.lm.run`
 (a run with ``result.json`` is skipped, one with a ``model.latest.pt`` resumed). Figures are
 written beside the report.
 """
@@ -169,7 +170,7 @@ def run_task(ctx: Context, task: str, tb: TaskBudget) -> Tuple[Dict[str, Any], s
     out = ctx.runs / "tasks" / task
     plan = S.plan_sweep(grid, _task_base(task, tb), out)
     options = RunOptions(device=ctx.device, progress=False, mnist_dir=str(ctx.data_dir / "mnist"))
-    outcome = S.run_sweep(plan, options, workers=ctx.workers, threads=1, progress=False)
+    outcome = S.run_sweep(plan, options, workers=ctx.workers, threads=1, progress=False, ensemble="auto")
     logger.info("%s: %d run(s) trained, %d finished before", task, outcome["ran"], outcome["skipped"])
     summary = S.summarize(plan)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _task_base(task, tb).items() if k != "task")
@@ -177,7 +178,7 @@ def run_task(ctx: Context, task: str, tb: TaskBudget) -> Tuple[Dict[str, Any], s
     cmd = (f"python -m awd_nonnormal.tasks sweep --task {task} {flags} --models {','.join(TASK_MODELS)} "
            + ("" if paper_grid else f"--lr {','.join(f'{v:g}' for v in tb.lrs)} "
               f"--seeds {','.join(map(str, tb.seeds))} " + " ".join(f"--values {v}" for v in values) + " ")
-           + f"--out {shlex.quote(str(out))} --workers {ctx.workers}"
+           + f"--out {shlex.quote(str(out))} --workers {ctx.workers} --ensemble auto"
            + (f" --device {ctx.device}" if ctx.device != "auto" else ""))
     return summary, cmd
 
