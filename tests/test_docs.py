@@ -57,6 +57,7 @@ COMMANDS = [
     [sys.executable, "-m", "awd_nonnormal.tasks", "sweep"],
     [sys.executable, "-m", "awd_nonnormal.experiments", "memory"],
     [sys.executable, "-m", "awd_nonnormal.experiments", "decoding"],
+    [sys.executable, "-m", "awd_nonnormal.reproduce"],
     [sys.executable, "bench/rnn_speed.py"],
     [sys.executable, "bench/lm_speed.py"],
     [sys.executable, "bench/nonnormal_claim.py"],
