@@ -171,7 +171,7 @@ class _RNNLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        x: Tensor,  # (T, B, d)
+        x: Tensor,  # (T, B, d) floats, or (T, B) integer symbols standing for one-hot vectors
         h0: Tensor,  # (B, N)
         w_ih: Tensor,  # (N, d)
         w_hh: Tensor,  # (N, N)
@@ -187,13 +187,22 @@ class _RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl):
-        T, B, d = x.shape
-        N = w_hh.shape[0]
+        T, B = x.shape[:2]
+        N, d = w_ih.shape
         available = onednn_available(x.device, w_hh.dtype)
-        # Input projections of every step with one product: u_t = W_ih x_t + b_ih + b_hh.
-        x2 = x.reshape(T * B, d)  # (T*B, d)
         bias = b_ih + b_hh if b_ih is not None else None
-        u = _linear(x2, w_ih, bias, _uses_onednn(T * B, d, N, impl, available)).view(T, B, N)
+        if x.is_floating_point():
+            # Input projections of every step with one product: u_t = W_ih x_t + b_ih + b_hh.
+            x2 = x.reshape(T * B, d)  # (T*B, d)
+            u = _linear(x2, w_ih, bias, _uses_onednn(T * B, d, N, impl, available)).view(T, B, N)
+        else:
+            # One-hot inputs given as their symbols s_t: W_ih x_t is column s_t of W_ih, so u_t is
+            # row s_t of W_ih^T + b, looked up. Exactly the product's numbers (a one-hot product
+            # adds only exact zeros), without it, and without the weight-gradient product.
+            table = w_ih.t().contiguous()  # (d, N)
+            if bias is not None:
+                table.add_(bias)
+            u = table.index_select(0, x.reshape(T * B)).view(T, B, N)
         activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
         h_prev = h0  # (B, N)
         if _uses_onednn(B, N, N, impl, available):
@@ -236,7 +245,7 @@ class _RNNLayerFunction(torch.autograd.Function):
     def _backward(ctx, grad_h, grad_hn):
         x, h0, w_ih, w_hh, h = ctx.saved_tensors
         T, B, N = h.shape
-        d = x.shape[2]
+        d = w_ih.shape[1]
         impl = ctx.impl
         available = onednn_available(h.device, h.dtype)
         # delta_t = dL/dz_t, backwards through time (Werbos 1990):
@@ -262,31 +271,43 @@ class _RNNLayerFunction(torch.autograd.Function):
                     deltas[t].mul_(g)
                 else:
                     deltas[t].copy_(g)
-        else:
-            # g_t accumulates in place in a copy of grad_h (in-place addmm_ needs no copy of
-            # grad_h[t] per step, torch.addmm(..., out=) does); delta_t = f' * g_t then
-            # overwrites f' in its buffer.
-            g_buf = grad_h.clone(memory_format=torch.contiguous_format)  # (T, B, N)
-            g_buf[T - 1].add_(grad_hn)
-            delta = fprime if fprime is not None else g_buf
+        elif fprime is not None:
+            # g_t in one (B, N) buffer (torch.addmm with out= copies grad_h[t] into it and adds
+            # the product); delta_t = f' * g_t then overwrites f' in its buffer. No (T, B, N)
+            # copy of grad_h.
+            delta = fprime
             deltas = delta.unbind(0)
-            gs = g_buf.unbind(0)
-            for t in range(T - 1, -1, -1):
-                if t < T - 1:
-                    gs[t].addmm_(deltas[t + 1], w_hh)  # delta_{t+1} W_hh (row vectors)
-                if fprime is not None:
-                    deltas[t].mul_(gs[t])
+            grads_h = grad_h.unbind(0)
+            g = torch.add(grads_h[T - 1], grad_hn)  # (B, N)
+            deltas[T - 1].mul_(g)
+            addmm, mul_ = torch.addmm, Tensor.mul_
+            for t in range(T - 2, -1, -1):
+                addmm(grads_h[t], deltas[t + 1], w_hh, out=g)  # grad_h[t] + delta_{t+1} W_hh
+                mul_(deltas[t], g)
+        else:
+            # linear: delta_t = g_t, accumulated in place in a copy of grad_h
+            delta = grad_h.clone(memory_format=torch.contiguous_format)  # (T, B, N)
+            delta[T - 1].add_(grad_hn)
+            deltas = delta.unbind(0)
+            for t in range(T - 2, -1, -1):
+                deltas[t].addmm_(deltas[t + 1], w_hh)  # delta_{t+1} W_hh (row vectors)
 
         # Everything else is one product over all T*B rows.
         delta2 = delta.view(T * B, N)  # (T*B, N)
         need_x, need_h0, need_wih, need_whh, need_bih, need_bhh, _, _ = ctx.needs_input_grad
         grad_x = grad_h0 = grad_wih = grad_whh = grad_bih = grad_bhh = None
+        symbols = not x.is_floating_point()
+        if symbols and (need_wih or (ctx.has_bias and (need_bih or need_bhh))):
+            # the lookup's gradient: row s of W_ih^T + b collects delta_t of every step with s_t = s
+            grad_table = delta2.new_zeros(d, N).index_add_(0, x.reshape(T * B), delta2)  # (d, N)
         if need_x:  # dL/dx_t = W_ih^T delta_t  (T*B, d)
             grad_x = _linear(delta2, w_ih.t(), None, _uses_onednn(T * B, N, d, impl, available))
             grad_x = grad_x.view(T, B, d)
         if need_h0:
             grad_h0 = torch.mm(deltas[0], w_hh)  # dL/dh_0 = W_hh^T delta_1
-        if need_wih:  # sum_t delta_t x_t^T  (N, d)
+        if need_wih and symbols:
+            grad_wih = grad_table.t()
+        elif need_wih:  # sum_t delta_t x_t^T  (N, d)
             grad_wih = _linear(
                 delta2.t(), x.reshape(T * B, d).t(), None, _uses_onednn(N, T * B, d, impl, available)
             )
@@ -303,7 +324,7 @@ class _RNNLayerFunction(torch.autograd.Function):
             else:
                 grad_whh = torch.mm(deltas[0].t(), h0)
         if ctx.has_bias and (need_bih or need_bhh):
-            grad_b = delta2.sum(0)  # (N,)
+            grad_b = grad_table.sum(0) if symbols else delta2.sum(0)  # (N,)
             grad_bih = grad_b if need_bih else None
             # Separate tensors: the two .grad fields must not alias each other.
             grad_bhh = (grad_b.clone() if need_bih else grad_b) if need_bhh else None
@@ -358,7 +379,9 @@ def rnn(
     """Functional stacked vanilla RNN (no input checks; :class:`RNN` validates).
 
     Args:
-        input: (T, B, d) input sequence.
+        input: (T, B, d) input sequence, or (T, B) integer symbols in ``[0, d)`` that stand for
+            their one-hot vectors (the first layer then looks up its input weights, see
+            :func:`one_hot_inputs`).
         hx: (L, B, N) initial hidden state of every layer.
         weights: one ``(w_ih, w_hh, b_ih, b_hh)`` per layer, ``w_ih`` (N, d_k), ``w_hh`` (N, N),
             biases (N,) or both None.
@@ -372,6 +395,7 @@ def rnn(
     path = layer_path(nonlinearity, input.shape[1], hx.shape[2], input.device, weights[0][1].dtype, impl)
     logger.debug("rnn: %s, %s path on %s", nonlinearity, path, input.device)
     if path == "fused":
+        input = one_hot_inputs(input, weights[0][0])
         has_bias = weights[0][2] is not None
         flat = [w for layer in weights for w in (layer if has_bias else layer[:2])]
         vf = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
@@ -393,12 +417,21 @@ def rnn(
     return layer_input, torch.stack(h_n)
 
 
+def one_hot_inputs(input: Tensor, w_ih: Tensor) -> Tensor:
+    """``input`` as floats: (T, B) integer symbols become their one-hot vectors (T, B, d) in the
+    dtype of ``w_ih`` (N, d); float inputs are returned as they are."""
+    if input.is_floating_point():
+        return input
+    return F.one_hot(input, w_ih.shape[1]).to(w_ih.dtype)
+
+
 def rnn_reference(
     input: Tensor, hx: Tensor, weights: Sequence[LayerWeights], nonlinearity: str = "tanh"
 ) -> tuple[Tensor, Tensor]:
     """The same computation as :func:`rnn` as a plain autograd loop: the definition the fast
     paths are tested against, and the naive baseline of the benchmark. Slow; not for training."""
     _check_nonlinearity(nonlinearity)
+    input = one_hot_inputs(input, weights[0][0])
     f = {"tanh": torch.tanh, "relu": torch.relu, "elu": F.elu, "linear": lambda z: z}[nonlinearity]
     layer_input = input  # (T, B, d_k)
     h_n = []
@@ -422,7 +455,8 @@ class RNN(nn.Module):
         nonlinearity: one of :data:`NONLINEARITIES`.
         bias: whether each layer has the biases ``b_ih`` and ``b_hh``.
 
-    ``forward(input, hx=None)`` takes ``input`` (T, B, input_size) and ``hx`` (L, B, N) or None
+    ``forward(input, hx=None)`` takes ``input`` (T, B, input_size), or (T, B) integer symbols in
+    ``[0, input_size)`` standing for their one-hot vectors (looked up, see :func:`rnn`), and ``hx`` (L, B, N) or None
     (zeros) and returns ``(output, h_n)``: (T, B, N) states of the last layer, (L, B, N) final
     states. The attribute ``impl`` (one of :data:`IMPLS`, default ``"auto"``) picks the
     computation path; every path gives the same result up to rounding.
@@ -485,29 +519,45 @@ class RNN(nn.Module):
         return layers
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        if input.dim() != 3:
+        symbols = not (input.is_floating_point() or input.is_complex() or input.dtype == torch.bool)
+        if symbols:
+            if input.dim() != 2:
+                raise ValueError(
+                    f"RNN expects integer symbols of shape (T, B), got a {input.dim()}-D tensor "
+                    f"of shape {tuple(input.shape)}"
+                )
+            input = input.long()
+            T, B = input.shape
+            lo, hi = (int(v) for v in torch.aminmax(input)) if input.numel() else (0, 0)
+            if lo < 0 or hi >= self.input_size:
+                raise ValueError(
+                    f"RNN symbols must lie in [0, input_size) = [0, {self.input_size}), got "
+                    f"values from {lo} to {hi}"
+                )
+        elif input.dim() != 3:
             raise ValueError(
                 f"RNN expects input of shape (T, B, input_size), got a {input.dim()}-D tensor "
                 f"of shape {tuple(input.shape)}"
             )
-        T, B, d = input.shape
-        if d != self.input_size:
-            raise ValueError(
-                f"RNN expects input_size={self.input_size} features in input (T, B, input_size), "
-                f"got {d} (input shape {tuple(input.shape)})"
-            )
+        else:
+            T, B, d = input.shape
+            if d != self.input_size:
+                raise ValueError(
+                    f"RNN expects input_size={self.input_size} features in input (T, B, input_size), "
+                    f"got {d} (input shape {tuple(input.shape)})"
+                )
         if T == 0:
             raise ValueError("RNN expects a sequence of at least one step, got T = 0")
         weights = self.layer_weights()
         dtype = weights[0][1].dtype
-        if input.dtype != dtype:
+        if not symbols and input.dtype != dtype:
             raise ValueError(
                 f"RNN input dtype {input.dtype} does not match the weight dtype {dtype}; "
                 f"convert the input (input.to({dtype})) or the module (.to({input.dtype}))"
             )
         expected = (self.num_layers, B, self.hidden_size)
         if hx is None:
-            hx = input.new_zeros(expected)
+            hx = torch.zeros(expected, dtype=dtype, device=input.device)
         elif tuple(hx.shape) != expected:
             raise ValueError(
                 f"RNN expects a hidden state of shape (num_layers, B, hidden_size) = {expected}, "

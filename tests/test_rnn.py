@@ -381,3 +381,64 @@ def test_cuda_matches_cpu(nonlinearity):
         torch.testing.assert_close(g_hn.cpu(), h_n)
         for g, ref in zip(g_grads, grads):
             torch.testing.assert_close(g.cpu(), ref)
+
+
+def _symbols(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, D, (T, B), generator=g)
+    s[0] = torch.arange(B) % D  # every row of the table is used by some step
+    return s
+
+
+@pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
+def test_symbol_inputs_equal_their_one_hot_vectors(nonlinearity, num_layers, bias):
+    """(T, B) integer symbols are looked up in W_ih^T + b: the same states as the one-hot vectors
+    through the product (bit for bit: a one-hot product adds only exact zeros) and the same
+    gradients of h0 and every weight, on every path, against the autograd loop on one-hot floats."""
+    s = _symbols()
+    one_hot = torch.zeros(T, B, D, dtype=torch.float64).scatter_(-1, s.unsqueeze(-1), 1.0)
+    _, h0 = _inputs(num_layers)
+    flat = _layer_tensors(num_layers, bias)
+    layers = _group(flat, num_layers, bias)
+    ref_out, ref_hn, ref_grads = _grads(lambda: rnn_reference(one_hot, h0, layers, nonlinearity),
+                                        (h0, *flat))
+    for impl in _float64_impls(nonlinearity):
+        out, h_n, grads = _grads(lambda: rnn(s, h0, layers, nonlinearity, impl=impl), (h0, *flat))
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_n, ref_hn, rtol=1e-12, atol=1e-12)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    # the lookup itself is exact: the first step's states equal the product's bit for bit
+    with torch.no_grad():
+        by_product = rnn(one_hot, h0, layers, nonlinearity, impl="python")[0]
+        by_lookup = rnn(s, h0, layers, nonlinearity, impl="python")[0]
+    assert torch.equal(by_lookup[0], by_product[0])
+
+
+@needs_onednn
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_module_takes_symbols_on_the_float32_paths(nonlinearity):
+    s = _symbols()
+    torch.manual_seed(0)
+    m = RNN(D, N, nonlinearity=nonlinearity)
+    one_hot = torch.nn.functional.one_hot(s, D).float()
+    for impl in ("python", "onednn", "auto"):
+        m.impl = impl
+        m.zero_grad()
+        out, h_n = m(s)
+        (out.sum() + h_n.sum()).backward()
+        got = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        ref_out, ref_hn = m(one_hot)
+        (ref_out.sum() + ref_hn.sum()).backward()
+        torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+        for g, p in zip(got, m.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_symbols():
+    m = RNN(D, N)
+    with pytest.raises(ValueError, match=r"symbols must lie in \[0, input_size\) = \[0, 4\), got values from 0 to 4"):
+        m(torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match=r"integer symbols of shape \(T, B\), got a 3-D tensor"):
+        m(torch.zeros(2, 3, 4, dtype=torch.long))

@@ -248,3 +248,25 @@ def test_one_bias_checkpoint_is_read_by_analyze(tmp_path):
     data = json.loads((tmp_path / "an" / "analysis.json").read_text())
     (ck,) = data["checkpoints"]
     assert ck["layers"] and "chain" in json.dumps(ck)
+
+
+@pytest.mark.parametrize("loss", R.LOSSES)
+def test_class_first_logits_give_the_same_loss_and_gradient(loss):
+    """Logits stored class-first (a (T, B, C) view of (C, T, B) memory, as TaskModel returns them)
+    take the fast softmax over the leading axis: the same per-step losses and gradients as
+    contiguous logits, checked against -log softmax written out here."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(7, 5, 9, generator=gen, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, 9, (7, 5), generator=gen)
+    first = logits.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not first.is_contiguous() and torch.equal(first, logits)
+    log_p = logits - logits.exp().sum(-1, keepdim=True).log()
+    expected = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if loss == "keras":
+        expected = expected.clamp(max=-math.log(R.KERAS_EPSILON))
+    for x in (logits, first):
+        got = R.classification_loss(x, target, loss)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    g_plain, = torch.autograd.grad(R.classification_loss(logits, target, loss).sum(), logits)
+    g_first, = torch.autograd.grad(R.classification_loss(first, target, loss).sum(), logits)
+    torch.testing.assert_close(g_first, g_plain, rtol=1e-12, atol=1e-12)

@@ -54,6 +54,35 @@ def test_model_and_init(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(p.state_dict().values(), q.state_dict().values()))
 
 
+def test_copy_model_on_symbols_equals_the_model_on_one_hot_inputs():
+    """The trainer feeds the copy model the symbols (model_batch); the layer looks up its input
+    weights. Output, loss and every gradient equal those of the one-hot inputs of CopySet.batch,
+    and the read-out is stored class-first for the fast softmax."""
+    config = T.make_config(task="copy", T=30, n_train=8, n_val=8, seed=4, init="orthogonal")
+    task = T.get_task("copy")
+    train_set, _, _ = task.datasets(config, T.RunOptions(progress=False))
+    index = torch.arange(8)
+    symbols, y = T.model_batch(train_set, index, torch.device("cpu"))
+    one_hot, y2 = train_set.batch(index, torch.device("cpu"))
+    assert symbols.dtype == torch.long and symbols.shape == (30, 8) and torch.equal(y, y2)
+    assert torch.equal(D.one_hot(symbols, one_hot.shape[-1]), one_hot)
+    model = T.build_model(config)
+    results = []
+    for x in (symbols, one_hot):
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = task.loss(out, y)
+        loss.backward()
+        results.append((out.detach(), loss.detach(),
+                        [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (out_s, loss_s, grads_s), (out_h, loss_h, grads_h) = results
+    assert out_s.shape == (30, 8, task.output_size) and out_s.permute(2, 0, 1).is_contiguous()
+    torch.testing.assert_close(out_s, out_h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_s, loss_h, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_s, grads_h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _state(run_dir):
     ck = load_checkpoint(run_dir / T.CHECKPOINT_FILE, kind="task")
     return ck

@@ -38,3 +38,16 @@ def test_default_is_one_thread_like_the_tasks_command(cli, tmp_path, keep_thread
     except SystemExit:
         pass
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("command", [["train"], ["sweep"]])
+def test_tasks_command_uses_the_shared_threads_flag(command, capsys, keep_threads):
+    from awd_nonnormal.tasks import __main__ as tasks
+
+    assert tasks.build_parser().parse_args(command).threads == 1
+    assert tasks.build_parser().parse_args(command + ["--threads", "0"]).threads == 0
+    with pytest.raises(SystemExit) as exc:
+        tasks.main(command + ["--threads", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads must be >= 0, got -1" in err and "Traceback" not in err

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 from .. import cli
 from ..init import INIT_PARAMS, add_init_arguments
@@ -90,9 +89,8 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
                    help="folder of the MNIST IDX files, .gz or raw (default: data/mnist)")
     r.add_argument("--eval-batch-size", type=int, default=500,
                    help="batch size of the validation pass (default 500; no effect on results)")
-    r.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per run (default 1: these small matrices gain "
-                   "nothing from more; 0 = torch's default)")
+    cli.add_threads_argument(r, help="torch CPU threads per run (default 1: these small "
+                             "matrices gain nothing from more; 0 = torch's default)")
     cli.add_output_arguments(r)
 
 
@@ -173,13 +171,6 @@ def _options(args: argparse.Namespace, progress: bool) -> T.RunOptions:
                         eval_batch_size=args.eval_batch_size)
 
 
-def _set_threads(n: int) -> None:
-    if n < 0:
-        raise T.TaskError(f"--threads must be >= 0, got {n}")
-    if n > 0:
-        torch.set_num_threads(n)
-
-
 def _train_config(args: argparse.Namespace, options: Optional[T.RunOptions] = None,
                   stack: Optional[contextlib.ExitStack] = None) -> tuple:
     """The config and folder of the run; a resumed run's folder is locked on ``stack`` first
@@ -238,7 +229,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(args.out or Path("runs") / "tasks", "--out")
     with contextlib.ExitStack() as stack:
         config, out = _train_config(args, options, stack)
-        _set_threads(args.threads)
+        cli.set_threads(args.threads)
         outcome = T.train(config, out, options)
     _print_run_summary(outcome)
     return cli.EXIT_DIVERGED if outcome.result.get("status") == "diverged" else cli.EXIT_OK
@@ -284,7 +275,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(S.format_plan(plan))
         return 0
-    _set_threads(args.threads)
+    cli.set_threads(args.threads)
     S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
                 progress=not args.no_progress, ensemble=ensemble)
     _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)

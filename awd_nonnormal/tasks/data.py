@@ -348,8 +348,12 @@ class CopySet:
 
     def batch(self, index: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
         """Inputs (L, B, 10) one-hot floats and targets (L, B) int64 on ``device``."""
-        x, y = copy_sequences(self.symbols[index].to(device), self.T, self.layout)
+        x, y = self.symbol_batch(index, device)
         return one_hot(x, COPY_SYMBOLS), y
+
+    def symbol_batch(self, index: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Inputs (L, B) int64 symbols (what :meth:`batch` one-hot encodes) and targets (L, B)."""
+        return copy_sequences(self.symbols[index].to(device), self.T, self.layout)
 
 
 @dataclass(frozen=True)

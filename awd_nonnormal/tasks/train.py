@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TaskError", "RunConflict", "Task", "TASKS", "get_task", "TaskConfig", "RunOptions",
-    "make_config", "TaskModel", "build_model", "derive_seed", "run_name", "train", "RunOutcome",
+    "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
     "extend_run", "flat_config", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
@@ -82,7 +82,9 @@ __all__ = [
 
 class TaskModel(nn.Module):
     """One vanilla RNN layer and a linear read-out of every step (``readout="all"``) or of the
-    last step (``"last"``). ``forward(x (T, B, d)) -> (T, B, out)`` or ``(B, out)``."""
+    last step (``"last"``). ``forward(x) -> (T, B, out)`` or ``(B, out)``, where ``x`` is
+    (T, B, d) floats, or (T, B) integer symbols in ``[0, d)`` that stand for their one-hot vectors
+    (the copy task's inputs, see :func:`model_batch`; the layer looks up its input weights)."""
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, nonlinearity: str,
                  readout: str) -> None:
@@ -96,8 +98,12 @@ class TaskModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x)  # (T, B, N)
         if self.readout == "last":
-            h = h[-1]       # (B, N)
-        return self.decoder(h)
+            return self.decoder(h[-1])  # (B, out)
+        # Every step's read-out, stored class-first: a (T, B, out) view of (out, T, B) memory,
+        # so that a softmax over the classes runs along rows of T*B values
+        # (rules.classification_loss), about 8 times faster than over rows of 9 or 10 values
+        # (bench/rnn_speed.py --task-step); the price is a copy of T*B*out numbers.
+        return self.decoder(h).permute(2, 0, 1).contiguous().permute(1, 2, 0)  # (T, B, out)
 
 
 def arch_of(config: TaskConfig) -> Dict[str, Any]:
@@ -275,6 +281,14 @@ class RunOutcome:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
 
 
+def model_batch(dataset, index: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """A batch as :class:`TaskModel` takes it fastest: the symbols themselves for a data set of
+    one-hot symbols (``symbol_batch``, the copy task), else the data set's inputs (``batch``)."""
+    if hasattr(dataset, "symbol_batch"):
+        return dataset.symbol_batch(index, device)
+    return dataset.batch(index, device)
+
+
 def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
              batch_size: int = 500, loss: str = "exact") -> Dict[str, float]:
     """Mean loss (of kind ``loss``, as in training) over ``dataset``, and accuracy for
@@ -283,7 +297,7 @@ def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
     with torch.no_grad():
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=device)
-            x, y = dataset.batch(index, device)
+            x, y = model_batch(dataset, index, device)
             out = model(x)
             total += task.loss(out, y, loss).item() * len(index)
             if task.classification and task.readout == "last":
@@ -403,7 +417,7 @@ class Trainer:
         try:
             while self.position < self.n_batches:
                 index = order[self.position * config.batch_size:(self.position + 1) * config.batch_size]
-                x, y = self.train_set.batch(index, self.device)
+                x, y = model_batch(self.train_set, index, self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = task.loss(self.model(x), y, config.loss)
                 value = loss.item()
