@@ -2,7 +2,7 @@
 
     python bench/rnn_speed.py [--device auto|cpu|cuda] [--repeats 7] [--shapes copy,psmnist,lm]
                               [--threads 1] [--no-memory] [--no-peak] [--no-rule] [--no-ptb]
-                              [--task-step]
+                              [--task-step [--against REV] [--rounds 3]]
 
 On CPU it first measures the float32 GEMM throughput of oneDNN (with a pre-packed weight, as the
 layer uses it) and of ``torch.mm`` (MKL) at one large product, and reports the larger oneDNN figure
@@ -12,7 +12,10 @@ with the add post-op, ``torch.addmm``) and prints which was faster and which one
 (T 70, B 80, layers 400-1150-1150-400) forward + backward, ours against ``nn.LSTM`` of the same
 sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
 times that for an LSTM). ``--task-step`` times one training step of the copy task at T = 500
-(model, loss, backward, per-tensor clipping, RMSprop), as ``python -m awd_nonnormal.tasks`` runs it.
+(batch, model, loss, backward, global clipping, RMSprop) as ``python -m awd_nonnormal.tasks``
+runs it, round-robin with the same step in stock PyTorch (``nn.RNN(relu)``, whose fused kernel
+is PyTorch's fastest vanilla RNN) and, with ``--against REV``, with the step of this repository
+at git revision ``REV`` (its package imported under another name), for ``--rounds`` rounds.
 
 For every shape and nonlinearity it prints the median time of one forward + backward pass and
 
@@ -278,30 +281,96 @@ def ptb_stack(device: torch.device, repeats: int, warmup: int) -> Dict[str, tupl
     return {name: (t[name], flops) for name, (_, flops) in models.items()}
 
 
-def task_step(repeats: int, warmup: int) -> float:
-    """Median seconds of one copy-task training step at T = 500 (paper settings: batch 16, N 100,
-    elu, RMSprop, per-tensor clipping at 10), built by the task package itself."""
-    from awd_nonnormal.tasks import train as task_train
+def _task_step_of(package: str, label: str) -> Callable[[], None]:
+    """One copy-task training step at T = 500 as the trainer of ``package`` (this repository's
+    ``awd_nonnormal`` or an older copy of it) runs it: its model (paper settings: batch 16, N 100,
+    elu, one bias), its batch (symbols where it has ``model_batch``, else one-hot floats), its
+    loss, backward, its clipping (global, at 10), RMSprop."""
+    import importlib
 
-    config = task_train.make_config(task="copy", T=500, n_train=16 * (repeats + warmup), n_val=16)
-    task = task_train.get_task(config.task)
-    model = task_train.build_model(config)
-    train_set, _, _ = task.datasets(config, task_train.RunOptions())
+    train = importlib.import_module(f"{package}.tasks.train")
+    rules = importlib.import_module(f"{package}.tasks.rules")
+    config = train.make_config(task="copy", T=500, n_train=64, n_val=16)
+    task = train.get_task(config.task)
+    model = train.build_model(config)
+    train_set, _, _ = task.datasets(config, train.RunOptions())
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+    index = torch.arange(config.batch_size)
+    cpu = torch.device("cpu")
+    batch = getattr(train, "model_batch", lambda dataset, i, d: dataset.batch(i, d))
+
+    def step() -> None:
+        x, y = batch(train_set, index, cpu)
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model(x), y, config.loss)
+        loss.item()
+        loss.backward()
+        clipped = rules.clip_gradients_([p.grad for p in params], config.clip, config.clip_mode)
+        float(clipped.norm)
+        optimizer.step()
+
+    step.__name__ = label
+    return step
+
+
+def _stock_step() -> Callable[[], None]:
+    """The same step written with stock PyTorch only: ``nn.RNN(relu)`` (PyTorch's fastest vanilla
+    RNN; it has no elu), ``nn.Linear``, ``F.cross_entropy`` on one-hot inputs,
+    ``clip_grad_norm_`` and RMSprop: a reference that does not change with this repository."""
+    from awd_nonnormal.tasks import train
+
+    config = train.make_config(task="copy", T=500, n_train=64, n_val=16)
+    train_set, _, _ = train.get_task("copy").datasets(config, train.RunOptions())
+    torch.manual_seed(0)
+    rnn, decoder = nn.RNN(10, 100, nonlinearity="relu"), nn.Linear(100, 9)
+    params = list(rnn.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
     index = torch.arange(config.batch_size)
 
     def step() -> None:
         x, y = train_set.batch(index, torch.device("cpu"))
         optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model(x), y)
+        out = decoder(rnn(x)[0])
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, 9), y.reshape(-1))
         loss.item()
         loss.backward()
-        for p in params:
-            torch.nn.utils.clip_grad_norm_([p], config.clip)
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
         optimizer.step()
 
-    return time_round_robin({"step": step}, repeats, warmup, torch.device("cpu"))["step"]
+    return step
+
+
+def _package_at(rev: str) -> str:
+    """Import the ``awd_nonnormal`` package of git revision ``rev`` (this repository) under another
+    name, from a temporary folder; returns that name. Its imports inside are all relative."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    data = subprocess.run(["git", "-C", str(root), "archive", rev, "awd_nonnormal"],
+                          check=True, capture_output=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="rnn_speed_"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(folder, filter="data")
+    name = "awd_nonnormal_at_rev"
+    (folder / "awd_nonnormal").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    importlib.import_module(name)
+    return name
+
+
+def task_step(repeats: int, warmup: int, rounds: int, against: str = "") -> list:
+    """``rounds`` rounds of round-robin timings (median of ``repeats`` each) of the copy-500
+    training step of this code, of the stock-PyTorch reference and, with ``against``, of the
+    code at that git revision: one {name: seconds} per round."""
+    steps = {"this code": _task_step_of("awd_nonnormal", "this code"), "stock": _stock_step()}
+    if against:
+        steps[against] = _task_step_of(_package_at(against), against)
+    return [time_round_robin(steps, repeats, warmup, torch.device("cpu")) for _ in range(rounds)]
 
 
 def main(argv=None) -> None:
@@ -317,6 +386,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-rule", action="store_true", help="skip the oneDNN-threshold check (CPU)")
     parser.add_argument("--no-ptb", action="store_true", help="skip the PTB-stack table")
     parser.add_argument("--task-step", action="store_true", help="also time a copy-500 training step (CPU)")
+    parser.add_argument("--against", default="", metavar="REV",
+                        help="with --task-step: also time the step of the code at git revision REV")
+    parser.add_argument("--rounds", type=int, default=3, help="with --task-step: rounds of timings")
     parser.add_argument("--quick", action="store_true",
                         help="time only nn.RNN and our layer's automatic path (no per-backend times)")
     args = parser.parse_args(argv)
@@ -390,9 +462,21 @@ def main(argv=None) -> None:
             sec = res[f"RNN-{nl}"][0]
             print(f"  RNN-{nl} per token: {lstm[0] / sec:.2f}x faster than the LSTM")
     if args.task_step and device.type == "cpu":
-        sec = task_step(args.repeats, args.warmup)
+        rounds = task_step(args.repeats, args.warmup, max(1, args.rounds), args.against)
         print()
-        print(f"copy task T=500 training step (batch 16, N 100, elu): {sec * 1e3:.1f} ms")
+        print("copy task T=500 training step (batch 16, N 100, elu, as the trainer runs it), "
+              "median ms per round; stock = nn.RNN(relu) + nn.Linear + cross_entropy + "
+              "clip_grad_norm_ + RMSprop on one-hot inputs; x = time(other) / time(this code)")
+        for k, t in enumerate(rounds):
+            line = f"  round {k + 1}: this code {t['this code'] * 1e3:.1f} ms"
+            for name in t:
+                if name != "this code":
+                    line += f", {name} {t[name] * 1e3:.1f} ms (x {t[name] / t['this code']:.2f})"
+            print(line)
+        for name in rounds[0]:
+            if name != "this code":
+                ratios = [t[name] / t["this code"] for t in rounds]
+                print(f"  x {name}: {min(ratios):.2f}-{max(ratios):.2f} over {len(rounds)} rounds")
 
 
 def report(shape: Shape, t: Dict[str, float], mem: Dict[str, float], device: torch.device) -> None:

@@ -47,11 +47,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
 from ..init import INIT_PARAMS, check_init
 from ..progress import progress_bar
-from ..rnn import RNN
+from ..rnn import RNN, _linear, _uses_onednn, onednn_available
 from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, METRICS_FILE,
                     RESULT_FILE, Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, RunLock,
                     differences, is_finished, read_json, read_metrics, read_result,
@@ -101,9 +102,43 @@ class TaskModel(nn.Module):
             return self.decoder(h[-1])  # (B, out)
         # Every step's read-out, stored class-first: a (T, B, out) view of (out, T, B) memory,
         # so that a softmax over the classes runs along rows of T*B values
-        # (rules.classification_loss), about 8 times faster than over rows of 9 or 10 values
-        # (bench/rnn_speed.py --task-step); the price is a copy of T*B*out numbers.
-        return self.decoder(h).permute(2, 0, 1).contiguous().permute(1, 2, 0)  # (T, B, out)
+        # (rules.classification_loss), about 8 times faster than over rows of 9 or 10 values.
+        T, B, N = h.shape
+        logits = _ClassFirstLinear.apply(h.reshape(T * B, N), self.decoder.weight,
+                                         self.decoder.bias)  # (out, T*B)
+        return logits.view(-1, T, B).permute(1, 2, 0)  # (T, B, out)
+
+
+class _ClassFirstLinear(torch.autograd.Function):
+    """``(h W^T + b)^T``, i.e. ``W h^T + b`` (out, R), for h (R, N), W (out, N), b (out,): the
+    read-out of every step in class-first layout, its products by the RNN layer's backend rule
+    (oneDNN on CPU from :data:`~awd_nonnormal.rnn.ONEDNN_MIN_WORK`, which beats MKL 2-3x on
+    these thin products, see bench/rnn_speed.py), with no transposing copy of the logits."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        R, N = h.shape
+        C = w.shape[0]
+        onednn = onednn_available(h.device, h.dtype)
+        ctx.save_for_backward(h, w)
+        ctx.onednn = onednn
+        out = _linear(w, h, None, _uses_onednn(C, N, R, "auto", onednn))  # (C, R) = W h^T
+        return out.add_(b.unsqueeze(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # (C, R)
+        h, w = ctx.saved_tensors
+        R, N = h.shape
+        C = w.shape[0]
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (R, N) = grad^T W
+            grad_h = _linear(grad.t(), w.t(), None, _uses_onednn(R, C, N, "auto", ctx.onednn))
+        if ctx.needs_input_grad[1]:  # (C, N) = grad h
+            grad_w = _linear(grad, h.t(), None, _uses_onednn(C, R, N, "auto", ctx.onednn))
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(1)
+        return grad_h, grad_w, grad_b
 
 
 def arch_of(config: TaskConfig) -> Dict[str, Any]:
