@@ -442,3 +442,27 @@ def test_bad_symbols():
         m(torch.tensor([[0, 4]]))
     with pytest.raises(ValueError, match=r"integer symbols of shape \(T, B\), got a 3-D tensor"):
         m(torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_wide_layers_backward_with_one_step_buffer(nonlinearity):
+    """From B*N = STEP_BUFFER_MIN_WIDTH the addmm backward keeps g_t in one (B, N) buffer instead
+    of a copy of the output gradient: the same values and gradients as the autograd loop."""
+    from awd_nonnormal.rnn import STEP_BUFFER_MIN_WIDTH
+
+    b, n, t, d = 16, 64, 4, 3
+    assert b * n >= STEP_BUFFER_MIN_WIDTH and b * n * n < ONEDNN_MIN_WORK  # the addmm path
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(t, b, d, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = (0.5 * torch.randn(1, b, n, generator=g, dtype=torch.float64)).requires_grad_()
+    flat = [(torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5).requires_grad_(),
+            (torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5).requires_grad_(),
+            (0.3 * torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_(),
+            (0.3 * torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_()]
+    layers = [tuple(flat)]
+    ref = _grads(lambda: rnn_reference(x, h0, layers, nonlinearity), (x, h0, *flat))
+    got = _grads(lambda: rnn(x, h0, layers, nonlinearity, impl="python"), (x, h0, *flat))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+    for a, e in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
