@@ -13,6 +13,7 @@ Examples::
     python main.py --data data/penn --model RNN --init chain --init-alpha 0.95 --optimizer adam --lr 1e-3
     python main.py --resume runs/20240101-120000/model.latest.pt --epochs 100
     python main.py --finetune runs/20240101-120000/model.pt --epochs 50   # = python finetune.py ...
+    torchrun --nproc_per_node 4 main.py --data data/wikitext-103 ...   # DistributedDataParallel
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
-from awd_nonnormal import cli
+from awd_nonnormal import cli, distributed
 from awd_nonnormal.finetune import finetune
 from awd_nonnormal.init import available, init_options_from_args
 from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
@@ -228,7 +229,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = explicit_fields(argv)
-    cli.setup_logging(args.verbose)
+    try:  # under torchrun: one rank of a DistributedDataParallel job
+        dist = distributed.from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if dist.active and args.save is None and args.resume is None:
+        parser.error("under torchrun, give --save DIR/NAME.pt: every rank must use the same run files")
+    if dist.active and args.finetune is not None:
+        parser.error("--finetune runs in one process, not under torchrun")
+    # ranks other than 0 log only warnings and errors, and name themselves in an error line
+    cli.setup_logging(args.verbose, logging.INFO if dist.is_main else logging.WARNING)
+    prog = PROG if not dist.active else f"{PROG} [rank {dist.rank}]"
     cli.set_threads(args.threads)
 
     if args.resume is None and args.finetune is None:  # these take their settings from a checkpoint
@@ -248,14 +259,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 logger.warning("--nhid %d is not used: with tied weights the last layer has --emsize %d "
                                "units, and the model has one layer (pass --no-tied for %d units)",
                                model_cfg.nhid, model_cfg.emsize, model_cfg.nhid)
-        if args.finetune:
-            result = finetune(args.finetune, model_cfg, train_cfg, explicit=explicit)
-        else:
-            result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
-        print_summary(result)
+        try:
+            if args.finetune:
+                result = finetune(args.finetune, model_cfg, train_cfg, explicit=explicit)
+            else:
+                result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit, dist=dist)
+        finally:
+            distributed.shutdown()
+        if dist.is_main:
+            print_summary(result)
         return cli.EXIT_OK
 
-    return cli.run_command(PROG, command, interrupted="aborted")
+    return cli.run_command(prog, command, interrupted="aborted")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequ
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
                          save_initial, set_rng_state)
 from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
@@ -314,12 +315,26 @@ def averaged_weights(optimizer: torch.optim.Optimizer):
 
 
 def evaluate(model: RNNModel, source: Tensor, batch_size: int, bptt: int,
-             check: Optional[Callable[[], None]] = None) -> float:
+             check: Optional[Callable[[], None]] = None,
+             dist: distributed.Dist = distributed.SINGLE) -> float:
     """Mean cross-entropy (nats per token) of ``model`` over the batched stream ``source``
     (``(rows, batch_size)``), in chunks of ``bptt`` rows with the hidden state carried over.
-    ``check`` is called after every chunk (the interrupt check of the training loop)."""
+    ``check`` is called after every chunk (the interrupt check of the training loop). Under
+    ``dist`` each rank evaluates its own columns and the sums of loss and tokens are added up
+    across ranks, so every rank returns the one-process mean."""
+    lo, hi = dist.columns(source.size(1))
+    total, count = _loss_sum(model, source[:, lo:hi], bptt, check)
+    total, count = dist.sum([total, count], source.device)
+    return total / count
+
+
+def _loss_sum(model: RNNModel, source: Tensor, bptt: int,
+              check: Optional[Callable[[], None]]) -> Tuple[float, int]:
+    """The summed cross-entropy (nats) over ``source`` and the number of predicted tokens."""
+    if source.size(1) == 0:
+        return 0.0, 0
     model.eval()
-    hidden = model.init_hidden(batch_size)
+    hidden = model.init_hidden(source.size(1))
     total = torch.zeros((), dtype=torch.float64, device=source.device)
     count = 0
     with torch.no_grad():
@@ -330,7 +345,7 @@ def evaluate(model: RNNModel, source: Tensor, batch_size: int, bptt: int,
             count += targets.numel()
             if check is not None:
                 check()
-    return total.item() / count
+    return total.item(), count
 
 
 @dataclass
@@ -368,12 +383,16 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus,
-                 device: torch.device, paths: RunPaths, criterion: Optional[nn.Module] = None) -> None:
+                 device: torch.device, paths: RunPaths, criterion: Optional[nn.Module] = None,
+                 dist: distributed.Dist = distributed.SINGLE) -> None:
         self.model_cfg = model_cfg
         self.cfg = train_cfg
         self.corpus = corpus
         self.device = device
         self.paths = paths
+        self.dist = dist
+        # Every rank seeds the same way before building the model (identical initial weights) and
+        # draws the same BPTT lengths; only the dropout masks differ per rank (_seed_rank).
         seed_everything(train_cfg.seed)
         self.bptt_rng = torch.Generator().manual_seed(train_cfg.seed)
         self.model = RNNModel(model_cfg).to(device)
@@ -381,6 +400,16 @@ class Trainer:
         # and every checkpoint names that file (initial_rnn_file) instead of holding a copy.
         self.initial_rnn: Optional[Dict[str, Tensor]] = self.model.recurrent_state()
         self.initial_saved = False
+        # the training columns [lo, hi) of this rank (all of them in one process)
+        self.lo, self.hi = dist.columns(train_cfg.batch_size)
+        self.share = (self.hi - self.lo) / train_cfg.batch_size
+        self.net: nn.Module = self.model
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None)
+        self._seed_rank(1, 0)
+        self._stop = False  # Ctrl-C seen by some rank (agreed at each batch under DDP)
         # criterion(logits (N, V), targets (N,)) -> mean loss in nats; a module with parameters
         # is trained with the model. Without one the model's own loss (RNNModel.nll) is used,
         # which an adaptive softmax computes without the full (N, V) logits.
@@ -391,7 +420,7 @@ class Trainer:
         self.params: List[nn.Parameter] = list(self.model.parameters()) + list(self.criterion.parameters())
         self.optimizer_name = train_cfg.optimizer
         self.optimizer = _make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.wdecay)
-        self.train_data = batchify(corpus.train, train_cfg.batch_size, device)  # (rows, B)
+        self.train_data = batchify(corpus.train, train_cfg.batch_size, device)[:, self.lo:self.hi]  # (rows, B_rank)
         self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
         self.state = _State()
         # Extra checkpoint entries that say where the run came from (a finetune's source).
@@ -401,8 +430,11 @@ class Trainer:
         self.interrupts = GracefulInterrupt()
         n_params = sum(p.numel() for p in self.params)
         logger.info("model: %s, %d parameters; %d training tokens per epoch (%d rows x %d)",
-                    model_cfg.rnn_type, n_params, self.train_data.numel(), self.train_data.size(0),
-                    train_cfg.batch_size)
+                    model_cfg.rnn_type, n_params, self.train_data.size(0) * train_cfg.batch_size,
+                    self.train_data.size(0), train_cfg.batch_size)
+        if dist.active:
+            logger.info("rank %d of %d trains batch columns %d to %d", dist.rank, dist.world,
+                        self.lo, self.hi - 1)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -423,9 +455,18 @@ class Trainer:
             common["initial_rnn_file"] = self.paths.initial.name
         return common
 
+    def _seed_rank(self, epoch: int, pos: int) -> None:
+        """Under DDP, give ranks other than 0 their own dropout generator (see
+        :func:`awd_nonnormal.distributed.rank_seed`); rank 0 keeps the run's."""
+        if self.dist.active and self.dist.rank > 0:
+            torch.manual_seed(distributed.rank_seed(self.cfg.seed, self.dist.rank, epoch, pos))
+
     def _save_model(self, path: Path, role: str, epoch: int, val_loss: float,
                     metrics: List[Dict[str, Any]]) -> None:
-        """The model alone (best or snapshot); the caller has the wanted weights in place."""
+        """The model alone (best or snapshot); the caller has the wanted weights in place.
+        Only rank 0 writes."""
+        if not self.dist.is_main:
+            return
         common = self._common()
         common["metrics"] = metrics
         save_checkpoint(path, kind="lm", arch=common.pop("arch"), config=common.pop("config"),
@@ -434,13 +475,20 @@ class Trainer:
                         **common)
 
     def save_latest(self, mid_epoch: bool) -> None:
-        """The complete state; ``mid_epoch`` records the batch position inside ``state.epoch``."""
+        """The complete state; ``mid_epoch`` records the batch position inside ``state.epoch``.
+        Under DDP every rank calls it (the hidden state is gathered from all columns) and rank 0
+        writes."""
         st = self.state
+        hidden = _hidden_to(st.hidden, torch.device("cpu")) if mid_epoch else None
+        if mid_epoch and self.dist.active:
+            parts = self.dist.gather(hidden)
+            hidden = None if any(h is None for h in parts) else distributed.cat_hidden(parts)
+        if not self.dist.is_main:
+            return
         common = self._common()
         position = None
         if mid_epoch:
-            position = {"epoch": st.epoch, "pos": st.pos, "batch": st.batch,
-                        "hidden": _hidden_to(st.hidden, torch.device("cpu")),
+            position = {"epoch": st.epoch, "pos": st.pos, "batch": st.batch, "hidden": hidden,
                         "loss_sum": st.loss_sum, "tokens": st.tokens, "train_time": st.train_time,
                         "exploded": st.exploded}
         save_checkpoint(
@@ -484,13 +532,17 @@ class Trainer:
         position = ckpt.get("position")
         if position:
             st.epoch, st.pos, st.batch = int(position["epoch"]), int(position["pos"]), int(position["batch"])
-            st.hidden = _hidden_to(position["hidden"], self.device)
+            hidden = position["hidden"]
+            if hidden is not None:
+                hidden = distributed.slice_hidden(hidden, self.lo, self.hi)
+            st.hidden = _hidden_to(hidden, self.device)
             st.loss_sum, st.tokens = float(position["loss_sum"]), int(position["tokens"])
             st.train_time = float(position["train_time"])
             st.exploded = int(position.get("exploded", 0))
         else:
             st.epoch = int(ckpt["epoch"]) + 1
         set_rng_state(ckpt["rng"])
+        self._seed_rank(st.epoch, st.pos)
         self.bptt_rng.set_state(ckpt["bptt_rng"])
         logger.info("resuming at epoch %d, batch %d (%s, lr %g, best validation loss %.4f)",
                     st.epoch, st.batch, self.optimizer_name, self.optimizer.param_groups[0]["lr"],
@@ -498,7 +550,8 @@ class Trainer:
 
     def write_metrics_file(self) -> None:
         """Rewrite the metrics file from the state (on resume: the checkpoint is the truth)."""
-        self.metrics_log.reset(self.state.metrics)
+        if self.dist.is_main:
+            self.metrics_log.reset(self.state.metrics)
 
     # ------------------------------------------------------------------ training
 
@@ -509,8 +562,9 @@ class Trainer:
         return f"the checkpoints of the last good epoch are kept: {' and '.join(kept)}"
 
     def check_interrupt(self) -> None:
-        """Raise KeyboardInterrupt at a consistent point when Ctrl-C was pressed."""
-        if self.interrupts.requested:
+        """Raise KeyboardInterrupt at a consistent point when Ctrl-C was pressed (under DDP, when
+        some rank saw it by the last batch: all ranks stop at the same batch)."""
+        if self._stop or (self.interrupts.requested and not self.dist.active):
             raise KeyboardInterrupt
 
     def _draw_seq_len(self) -> int:
@@ -529,7 +583,7 @@ class Trainer:
         st, cfg, model = self.state, self.cfg, self.model
         model.train()
         if st.pos == 0:
-            st.hidden = model.init_hidden(cfg.batch_size)
+            st.hidden = model.init_hidden(self.hi - self.lo)
         rows = self.train_data.size(0)
         steps_before = sum(int(m["batches"]) for m in st.metrics)  # optimizer steps of past epochs
         threshold = explosion_threshold(self.model_cfg.ntoken)
@@ -545,15 +599,25 @@ class Trainer:
             try:
                 hidden = repackage_hidden(st.hidden)
                 self.optimizer.zero_grad(set_to_none=True)
-                output, hidden, raw_outputs, outputs = model(data, hidden, return_h=True,
-                                                             decode=not self.model_loss)
+                output, hidden, raw_outputs, outputs = self.net(data, hidden, return_h=True,
+                                                                decode=not self.model_loss)
                 raw_loss = self._loss(output, targets)
                 loss = raw_loss + activation_regularization(raw_outputs[-1], outputs[-1], cfg.alpha, cfg.beta)
-                loss.backward()
+                if self.dist.active:
+                    # every term is a mean over this rank's columns: weighted by the rank's share
+                    # (times K, undoing DDP's average) the gradient is the one-process gradient
+                    (loss * (self.share * self.dist.world)).backward()
+                else:
+                    loss.backward()
                 # the norm of all gradients (clipped to --clip; measured only without a clip)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip or math.inf)
                 values = torch.stack([raw_loss.detach().float(), loss.detach().float(),
                                       norm.float()]).tolist()  # one sync per batch
+                if self.dist.active:  # the whole batch's losses, and one verdict for all ranks
+                    summed = self.dist.sum([values[0] * self.share, values[1] * self.share,
+                                            values[2] * self.share, float(self.interrupts.requested)],
+                                           self.device)
+                    values, self._stop = summed[:3], summed[3] > 0
                 where = f"epoch {st.epoch}, batch {st.batch + 1} (lr {lr:g})"
                 try:
                     self.guard.check_loss(values[0], "training loss", where)
@@ -570,7 +634,7 @@ class Trainer:
             st.hidden = hidden
             st.pos += seq_len
             st.batch += 1
-            ntok = targets.numel()
+            ntok = seq_len * cfg.batch_size  # all ranks' tokens
             st.loss_sum += values[0] * ntok
             st.tokens += ntok
             st.train_time += time.perf_counter() - start
@@ -607,7 +671,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         with averaged_weights(self.optimizer):  # under ASGD, validate and keep the averaged weights
             val_loss = evaluate(self.model, self.val_data, cfg.eval_batch_size, cfg.bptt,
-                                check=self.check_interrupt)
+                                check=self.check_interrupt, dist=self.dist)
             try:
                 self.guard.check_loss(val_loss, "validation loss", f"the end of epoch {epoch}")
             except Diverged as exc:
@@ -653,7 +717,8 @@ class Trainer:
         st.loss_sum, st.tokens, st.train_time, st.exploded = 0.0, 0, 0.0, 0
         st.at_boundary = True
         self.save_latest(mid_epoch=False)
-        self.metrics_log.append(record)
+        if self.dist.is_main:
+            self.metrics_log.append(record)
 
     def fit(self) -> Tuple[bool, Optional[str]]:
         """Train from the current state to ``epochs``. Returns ``(interrupted, where)``: after a
@@ -663,17 +728,20 @@ class Trainer:
 
         st, cfg = self.state, self.cfg
         tokens_per_epoch = (self.train_data.size(0) - 1) * cfg.batch_size
-        with self.interrupts, (logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()):
+        show = cfg.progress and self.dist.is_main
+        with self.interrupts, (logging_redirect_tqdm() if show else contextlib.nullcontext()):
             try:
                 while st.epoch <= cfg.epochs:
                     epoch_start = time.perf_counter() - st.train_time
                     with progress_bar(total=tokens_per_epoch, initial=st.pos * cfg.batch_size,
-                                      unit="tok", desc=f"epoch {st.epoch}", enabled=cfg.progress,
+                                      unit="tok", desc=f"epoch {st.epoch}", enabled=show,
                                       unit_scale=True, leave=False) as bar:
                         self._train_epoch(bar)
                     self._end_epoch(epoch_start)
             except KeyboardInterrupt:
                 where = f"epoch {st.epoch}, batch {st.batch}"
+                if self.dist.active and self.interrupts.hard:
+                    raise  # the ranks may be at different points: no collective save
                 if st.at_boundary:
                     self.save_latest(mid_epoch=True)
                     logger.warning("Exiting from training early (%s); saved the state to %s: "
@@ -732,13 +800,17 @@ def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_c
     return dataclasses.replace(saved_model, init=init), TrainConfig(**updates)
 
 
-def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> Tuple[float, float, int]:
+def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.device,
+            dist: distributed.Dist = distributed.SINGLE) -> Tuple[float, float, int]:
     """Evaluate the best model on the test set and record the result in its checkpoint.
-    Returns ``(val_loss, test_loss, best_epoch)``."""
+    Returns ``(val_loss, test_loss, best_epoch)``. Under DDP the ranks share the test columns
+    and rank 0 writes."""
     ckpt = load_checkpoint(paths.best, kind="lm")
     model = RNNModel.from_checkpoint(ckpt, map_location=device)
     test_data = batchify(corpus.test, cfg.test_batch_size, device)
-    test_loss = evaluate(model, test_data, cfg.test_batch_size, cfg.bptt)
+    test_loss = evaluate(model, test_data, cfg.test_batch_size, cfg.bptt, dist=dist)
+    if not dist.is_main:
+        return float(ckpt["val_loss"]), test_loss, int(ckpt["epoch"])
     u = loss_units(test_loss)
     logger.info("| end of training | test loss %6.3f | test ppl %8.2f | test bpt %6.3f",
                 test_loss, u["ppl"], u["bpt"])
@@ -749,7 +821,8 @@ def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.dev
 
 
 def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str] = None,
-        explicit: FrozenSet[str] = frozenset()) -> RunResult:
+        explicit: FrozenSet[str] = frozenset(),
+        dist: distributed.Dist = distributed.SINGLE) -> RunResult:
     """Train a language model (or continue the run of the latest checkpoint ``resume``), then
     evaluate the best model on the test set.
 
@@ -763,6 +836,10 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     (``DIR/.NAME.lock``; :class:`~awd_nonnormal.runs.RunLocked` if another process has it);
     temporary files that a killed write of this run left are removed. A resumed run must go on
     on the text it started on (the checkpoint's ``data_fingerprint``).
+
+    ``dist`` (from :func:`awd_nonnormal.distributed.from_env`) makes this one rank of a
+    DistributedDataParallel job: it joins the process group, trains its share of the batch
+    columns and only rank 0 writes files (see :mod:`awd_nonnormal.distributed`).
     """
     ckpt = None
     if resume is not None:
@@ -781,15 +858,21 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
         device = resolve_device(train_cfg.device)
     except ValueError as exc:
         raise LMError(str(exc)) from None
+    if train_cfg.batch_size < dist.world:
+        raise LMError(f"--batch_size {train_cfg.batch_size} is smaller than the {dist.world} "
+                      f"processes: every rank needs at least one batch column")
     paths = RunPaths.from_save(train_cfg.save)
     check_output_file(paths.best, "--save")
+    if not dist.is_main:  # under DDP rank 0 holds the lock and writes for all ranks
+        return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths, dist)
     with RunLock(paths.lock, f"the run {paths.best}"):
         remove_stale_temporaries(paths.best.parent, owns=paths.owns)
-        return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths)
+        return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths, dist)
 
 
 def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[Dict[str, Any]],
-                resume: Optional[str], device: torch.device, paths: RunPaths) -> RunResult:
+                resume: Optional[str], device: torch.device, paths: RunPaths,
+                dist: distributed.Dist) -> RunResult:
     """:func:`run` from the point where the run holds its lock."""
     own = ckpt is not None and Path(resume).resolve() == paths.latest.resolve()
     if not own and not train_cfg.overwrite:
@@ -811,19 +894,22 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
     logger.info("corpus %s: %d tokens in the vocabulary; train / valid / test %d / %d / %d tokens",
                 train_cfg.data, len(corpus.dictionary), len(corpus.train), len(corpus.valid), len(corpus.test))
 
-    trainer = Trainer(model_cfg, train_cfg, corpus, device, paths)
+    device = distributed.setup(dist, device)
+    trainer = Trainer(model_cfg, train_cfg, corpus, device, paths, dist=dist)
     if ckpt is not None:
         trainer.restore(ckpt, Path(resume))
         trainer.write_metrics_file()
         del ckpt
-    elif paths.metrics.exists():  # --overwrite: a new run starts a new metrics file
+    elif paths.metrics.exists() and dist.is_main:  # --overwrite: a new run starts a new metrics file
         paths.metrics.unlink()
     interrupted, where = trainer.fit()
     st = trainer.state
     seconds = sum(m["train_time_s"] for m in st.metrics)
     speed = sum(m["tokens_per_s"] * m["train_time_s"] for m in st.metrics) / seconds if seconds > 0 else None
+    dist.barrier()  # rank 0 has written its last checkpoint
     if not paths.best.exists() or st.best_epoch == 0:
         logger.warning("no epoch was validated, so there is no best model to test")
         return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where, tokens_per_s=speed)
-    val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device)
+    val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device, dist)
+    dist.barrier()  # no rank leaves the process group while rank 0 is still writing
     return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where, tokens_per_s=speed)
