@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 
-from .. import cli
+from .. import cli, cluster
 from ..init import INIT_PARAMS, add_init_arguments
 from ..runs import check_output_dir, check_resume
 from . import data as D
@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train M runs at once as one batched model (per worker); auto: as many "
                          "as the GPU's memory holds; on CPU 16 for N <= 50, else none "
                          "(default 1: none)")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where the runs go: 'local' worker processes (--workers), or 'ray': one "
+                    "Ray task per run (--threads CPUs, a GPU with --device cuda) on the cluster at "
+                    "--address (needs the extra: pip install -e \".[cluster]\")")
+    sw.add_argument("--address", help="Ray cluster address (host:port, or 'auto' for the cluster "
+                    "this machine belongs to; default: start a local Ray instance)")
+    sw.add_argument("--max-retries", type=int, default=2, metavar="N",
+                    help="with --executor ray: rerun a run whose worker died up to N times (it "
+                    "resumes from its checkpoint), then report it as failed (default 2)")
     sw.add_argument("--rank-by", choices=S.RANK_BY, default="final",
                     help="best config by the seeds' mean final (default) or minimum validation loss")
     sw.add_argument("--dry-run", action="store_true", help="print the plan (runs per model) and exit")
@@ -266,6 +275,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise T.TaskError(f"--workers must be a positive integer, got {args.workers}")
     ensemble = "auto" if args.ensemble == "auto" else E.check_members_count(args.ensemble)
+    if args.max_retries < 0:
+        raise T.TaskError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.executor == "ray" and not args.dry_run:
+        cluster.require_ray()
     options = _options(args, progress=False)
     if not args.dry_run:
         check_output_dir(out, "--out")
@@ -277,7 +290,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     cli.set_threads(args.threads)
     S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
-                progress=not args.no_progress, ensemble=ensemble)
+                progress=not args.no_progress, ensemble=ensemble, executor=args.executor,
+                address=args.address, max_retries=args.max_retries)
     _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
     return 0
 

@@ -572,30 +572,58 @@ def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
         return [(d, None, f"{type(exc).__name__}: {exc}") for d in run_dirs]
 
 
+def _ray_run(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str], options: T.RunOptions,
+             grouped: bool, threads: int, level: int,
+             plugins: Tuple[str, ...]) -> List[Tuple[str, Optional[Dict[str, Any]], Optional[str]]]:
+    """One Ray task: the worker set-up of the process pool, then one run (:func:`_run_one`) or
+    one ensemble (``grouped``, :func:`_run_group`)."""
+    import torch
+    if threads > 0:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for plugin in plugins:
+        initmod.load_plugin(plugin)
+    if grouped:
+        return _run_group(configs, run_dirs, options)
+    return [_run_one(configs[0], run_dirs[0], options)]
+
+
 RunHook = Callable[[str, Optional[Dict[str, Any]], Optional[str]], None]
 
 
 def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, workers: int = 1,
               threads: int = 1, progress: bool = True, ensemble: Union[int, str] = 1,
-              on_run_done: Optional[RunHook] = None) -> Dict[str, Any]:
+              on_run_done: Optional[RunHook] = None, executor: str = "local",
+              address: Optional[str] = None, max_retries: int = 2) -> Dict[str, Any]:
     """Run every unfinished run of the plan; returns ``{"ran", "skipped", "errors", "ensemble"}``.
 
     ``workers == 1`` runs in this process; more use a spawn-based process pool. ``ensemble``
     M > 1 trains the unfinished runs M at a time as one batched model (each worker one
     ensemble at a time); ``"auto"`` picks M for the device (:func:`.ensemble.auto_members`).
-    Each run's own progress bar is off. ``on_run_done(run_dir, result, error)`` is called in
-    this process after each run (for tests and tools). The sweep folder is locked
+    With ``executor="ray"`` each run (or ensemble) is a Ray task (``threads`` CPUs, one GPU when
+    the device is CUDA) on the cluster at ``address`` (see :mod:`awd_nonnormal.cluster`); one
+    whose worker dies is retried ``max_retries`` times, then its runs are reported in
+    ``errors``. Each run's own progress bar is off. ``on_run_done(run_dir, result, error)`` is
+    called in this process after each run (for tests and tools). The sweep folder is locked
     while the sweep runs (a second sweep into it is refused with
     :class:`~awd_nonnormal.runs.RunLocked`), and every run locks its own folder.
     """
+    from .. import cluster
+    if executor not in cluster.EXECUTORS:
+        raise cluster.ClusterError(f"unknown executor {executor!r}; valid: {', '.join(cluster.EXECUTORS)}")
+    if executor == "ray":
+        cluster.require_ray()
     with RunLock(plan.out / LOCK_FILE, f"the sweep folder {plan.out}"):
         remove_stale_temporaries(plan.out)
-        return _run_sweep(plan, options, workers, threads, progress, ensemble, on_run_done)
+        return _run_sweep(plan, options, workers, threads, progress, ensemble, on_run_done,
+                          executor, address, max_retries)
 
 
 def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: int,
-               progress: bool, ensemble: Union[int, str],
-               on_run_done: Optional[RunHook]) -> Dict[str, Any]:
+               progress: bool, ensemble: Union[int, str], on_run_done: Optional[RunHook],
+               executor: str, address: Optional[str], max_retries: int) -> Dict[str, Any]:
+    from .. import cluster
     from ..checkpoint import atomic_write
     plan.out.mkdir(parents=True, exist_ok=True)
     manifest = {"settings": plan.settings, "grid": plan.grid.to_dict(), "baseline": plan.baseline,
@@ -627,7 +655,24 @@ def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: in
             on_run_done(run_dir, result, error)
 
     try:
-        if workers == 1 and groups:
+        if executor == "ray":
+            plugins = tuple(plan.base.get("init_plugins") or ())
+            level = max(logging.getLogger().getEffectiveLevel(), logging.WARNING)
+            gpus = 1 if str(options.device).startswith("cuda") else 0
+            tasks = groups or [[r] for r in pending]
+            jobs = [(str(g[0].run_dir), ([r.config for r in g], [str(r.run_dir) for r in g],
+                                         run_options, bool(groups), threads, level, plugins))
+                    for g in tasks]
+            members_of = {str(g[0].run_dir): g for g in tasks}
+
+            def ray_done(key: str, items, error: Optional[str]) -> None:
+                for item in items if items is not None else [(str(r.run_dir), None, error)
+                                                             for r in members_of[key]]:
+                    done(*item)
+
+            cluster.run_tasks(_ray_run, jobs, ray_done, address=address,
+                              num_cpus=max(1, threads), num_gpus=gpus, max_retries=max_retries)
+        elif workers == 1 and groups:
             for group in groups:
                 for item in _run_group([r.config for r in group], [str(r.run_dir) for r in group],
                                        run_options):

@@ -1,0 +1,107 @@
+"""Sweeps through Ray (awd_nonnormal.cluster): the same results as the process pool, and a run
+whose worker dies is retried or reported, never lost. Ray is an optional extra: without it these
+tests are skipped, except the one-line install hint."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from awd_nonnormal import cluster
+from awd_nonnormal.tasks import sweep as S
+from awd_nonnormal.tasks import train as T
+from awd_nonnormal.tasks.__main__ import main as tasks_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(task="copy", T=25, n_train=32, n_val=16, epochs=2)
+
+
+def test_executor_ray_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code = tasks_main(["sweep", "--task", "copy", "--T", "25", "--models", "chain", "--lr", "1e-3",
+                       "--seeds", "1", "--values", "chain=1.0", "--out", str(tmp_path),
+                       "--executor", "ray", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and 'pip install -e ".[cluster]"' in err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[cluster]"')
+    old = os.environ.get("PYTHONPATH")
+    # the workers import this checkout of the package, as the test does
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([old] if old else []))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def _results(plan):
+    out = {}
+    for r in plan.runs:
+        result = T.read_result(r.run_dir)
+        assert result is not None, r.run_dir
+        out[r.run_dir.relative_to(plan.out)] = (result["final_val_loss"], result["status"],
+                                                [m["val_loss"] for m in T.read_metrics(r.run_dir)])
+    return out
+
+
+def test_ray_sweep_equals_the_process_pool_and_skips_finished_runs(tmp_path, ray_session):
+    grid = S.grid_from_args(models="chain,orthogonal", lrs="1e-3", seeds="1,2",
+                            values=["chain=1.0", "orthogonal=1.0"])
+    pool = S.plan_sweep(grid, TINY, tmp_path / "pool")
+    S.run_sweep(pool, workers=2, progress=False)
+    on_ray = S.plan_sweep(grid, TINY, tmp_path / "ray")
+    stats = S.run_sweep(on_ray, progress=False, executor="ray")
+    assert stats["ran"] == 4 and not stats["errors"]
+    assert _results(on_ray) == _results(pool)  # same seeds, one thread each: the same numbers
+    again = S.run_sweep(on_ray, progress=False, executor="ray")
+    assert again["skipped"] == 4 and again["ran"] == 0
+
+
+def _killer_plugin(tmp_path) -> Path:
+    """An initializer that kills the worker process running it, once (a marker file remembers),
+    and never in this test process."""
+    plugin = tmp_path / "killer_init.py"
+    plugin.write_text(
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from awd_nonnormal.init import register\n"
+        f"MARK = Path({str(tmp_path / 'killed')!r})\n"
+        f"DRIVER = {os.getpid()}\n\n"
+        "@register('test_cluster_killer', gain='scale', override=True)\n"
+        "def killer_(w, scale: float = 1.0):\n"
+        "    if os.getpid() != DRIVER and not MARK.exists():\n"
+        "        MARK.write_text('killed')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    with torch.no_grad():\n"
+        "        return torch.nn.init.orthogonal_(w, gain=scale)\n")
+    return plugin
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_killed_worker_is_retried_or_reported(tmp_path, ray_session, retries):
+    plugin = str(_killer_plugin(tmp_path))
+    grid = S.grid_from_args(models="test_cluster_killer", lrs="1e-3", seeds="1", plugins=(plugin,))
+    plan = S.plan_sweep(grid, dict(TINY, init_plugins=[plugin]), tmp_path / "sweep")
+    stats = S.run_sweep(plan, progress=False, executor="ray", max_retries=retries)
+    assert (tmp_path / "killed").exists()  # the first attempt's worker did die
+    (run,) = plan.runs
+    if retries:
+        assert not stats["errors"] and T.is_finished(run.run_dir)
+    else:
+        assert list(stats["errors"]) == [str(run.run_dir)]
+        assert "lost" in stats["errors"][str(run.run_dir)]
+        assert not T.is_finished(run.run_dir)
+        again = S.run_sweep(plan, progress=False, executor="ray", max_retries=0)  # not lost
+        assert again["ran"] == 1 and not again["errors"] and T.is_finished(run.run_dir)
+    assert json.loads((run.run_dir / T.RESULT_FILE).read_text())["status"] in ("completed", "converged")
