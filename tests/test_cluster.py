@@ -105,3 +105,19 @@ def test_a_killed_worker_is_retried_or_reported(tmp_path, ray_session, retries):
         again = S.run_sweep(plan, progress=False, executor="ray", max_retries=0)  # not lost
         assert again["ran"] == 1 and not again["errors"] and T.is_finished(run.run_dir)
     assert json.loads((run.run_dir / T.RESULT_FILE).read_text())["status"] in ("completed", "converged")
+
+
+def test_language_model_grid_through_ray(tmp_path, ray_session):
+    from awd_nonnormal import lmgrid as G
+    from awd_nonnormal.checkpoint import load_checkpoint
+    from test_lm import write_corpus
+    corpus = write_corpus(tmp_path / "corpus")
+    save = tmp_path / "run" / "model.pt"
+    runs = G.parse_grid(f"python main.py --data {corpus} --model RNN --emsize 8 --nhid 8 "
+                        f"--nlayers 1 --batch_size 4 --eval-batch-size 2 --test-batch-size 2 "
+                        f"--bptt 8 --optimizer adam --lr 1e-3 --epochs 1 --no-progress "
+                        f"--device cpu --save {save}\n")
+    stats = G.run_grid(runs, ROOT / "main.py", executor="ray")
+    assert stats["ran"] == 1 and not stats["errors"]
+    assert "test" in load_checkpoint(save, kind="lm")
+    assert G.run_grid(runs, ROOT / "main.py", executor="ray")["skipped"] == 1
