@@ -66,6 +66,16 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def average_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` across ranks (for parameters outside the DDP
+        module, e.g. a criterion's); nothing in one process."""
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

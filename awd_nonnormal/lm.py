@@ -607,6 +607,7 @@ class Trainer:
                     # every term is a mean over this rank's columns: weighted by the rank's share
                     # (times K, undoing DDP's average) the gradient is the one-process gradient
                     (loss * (self.share * self.dist.world)).backward()
+                    self.dist.average_grads(list(self.criterion.parameters()))  # outside DDP
                 else:
                     loss.backward()
                 # the norm of all gradients (clipped to --clip; measured only without a clip)

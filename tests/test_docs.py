@@ -32,6 +32,11 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_one():
         assert '"torch==2.13.0"' in cmd  # the pinned build; pyproject asks only torch>=2.4
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines(), ".ci/run must run the README's test command verbatim"
+    # ... after installing the optional cluster extra into the same .venv, so the Ray tests run
+    lines = ci.splitlines()
+    extra = [i for i, l in enumerate(lines) if '-e ".[cluster]"' in l and not l.startswith("#")]
+    assert extra and extra[0] < lines.index(test_cmd)
+    assert 'cluster = ["ray' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_main_setup_command_parses():
@@ -55,6 +60,7 @@ COMMANDS = [
     [sys.executable, "generate.py"],
     [sys.executable, "-m", "awd_nonnormal.tasks", "train"],
     [sys.executable, "-m", "awd_nonnormal.tasks", "sweep"],
+    [sys.executable, "-m", "awd_nonnormal.lmgrid"],
     [sys.executable, "-m", "awd_nonnormal.experiments", "memory"],
     [sys.executable, "-m", "awd_nonnormal.experiments", "decoding"],
     [sys.executable, "-m", "awd_nonnormal.reproduce"],
