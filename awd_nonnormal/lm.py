@@ -29,6 +29,11 @@ Files of a run with ``--save DIR/NAME.pt`` (see :class:`RunPaths`):
 * ``DIR/NAME.metrics.jsonl``: one JSON object per epoch;
 * ``DIR/NAME.e{k}.pt``: the model before the learning rate is divided at a ``--when`` epoch k.
 
+Under ``torchrun`` (:mod:`awd_nonnormal.distributed`) each rank trains its own contiguous slice
+of the batch columns with DistributedDataParallel; losses, verdicts and evaluation sums are
+added up across ranks, so the run is the one-process run (dropout masks aside), and only rank 0
+writes files.
+
 Differences from the reference code, on purpose: the criterion's parameters stay in the optimizer
 when it switches to ASGD; ASGD starts from the current learning rate (the reference restarted from
 ``--lr``, undoing ``--when`` divisions made before the switch); evaluation losses are averages over
