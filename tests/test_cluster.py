@@ -54,13 +54,14 @@ def _results(plan):
     return out
 
 
-def test_ray_sweep_equals_the_process_pool_and_skips_finished_runs(tmp_path, ray_session):
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_ray_sweep_equals_the_process_pool_and_skips_finished_runs(tmp_path, ray_session, ensemble):
     grid = S.grid_from_args(models="chain,orthogonal", lrs="1e-3", seeds="1,2",
                             values=["chain=1.0", "orthogonal=1.0"])
     pool = S.plan_sweep(grid, TINY, tmp_path / "pool")
-    S.run_sweep(pool, workers=2, progress=False)
+    S.run_sweep(pool, workers=2, progress=False, ensemble=ensemble)
     on_ray = S.plan_sweep(grid, TINY, tmp_path / "ray")
-    stats = S.run_sweep(on_ray, progress=False, executor="ray")
+    stats = S.run_sweep(on_ray, progress=False, executor="ray", ensemble=ensemble)
     assert stats["ran"] == 4 and not stats["errors"]
     assert _results(on_ray) == _results(pool)  # same seeds, one thread each: the same numbers
     again = S.run_sweep(on_ray, progress=False, executor="ray")
