@@ -2,6 +2,7 @@
 against one process. Ranks are main.py subprocesses with torchrun's variables set by hand (or
 torchrun itself for the failure test)."""
 
+import json
 import os
 import signal
 import socket
@@ -75,7 +76,7 @@ def _same_run(dist_dir: Path, single_result, epochs: int):
     ref = load_checkpoint(single_result.paths.latest, kind="lm")
     assert mine["epoch"] == ref["epoch"] == epochs
     _close(mine["model"], ref["model"])
-    rows = [__import__("json").loads(l) for l in (dist_dir / "model.metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (dist_dir / "model.metrics.jsonl").read_text().splitlines()]
     ref_rows = metrics(single_result)
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
     assert [r["batches"] for r in rows] == [r["batches"] for r in ref_rows]  # same BPTT lengths
