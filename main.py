@@ -253,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit)
         print_summary(result)
-        return cli.EXIT_OK
+        return cli.EXIT_INTERRUPTED if result.interrupted else cli.EXIT_OK
 
     return cli.run_command(PROG, command, interrupted="aborted")
 

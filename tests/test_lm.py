@@ -538,6 +538,15 @@ def test_nan_exits_nonzero_from_main(tmp_path, corpus, monkeypatch, capsys):
     assert not save.exists() and not save.with_name("model.latest.pt").exists()
 
 
+def test_ctrl_c_exits_130_from_main(tmp_path, corpus, monkeypatch, capsys):
+    main = _load_main()
+    fired = interrupt_at(monkeypatch, 1, batch=2)
+    save = tmp_path / "cut" / "model.pt"
+    rc = main.main(_tiny_argv(corpus, save))
+    assert fired and rc == 130  # interrupted (awd_nonnormal.cli.EXIT_INTERRUPTED), as the tasks
+    assert "--resume" in capsys.readouterr().out and save.with_name("model.latest.pt").exists()
+
+
 # ---------------------------------------------------------------------------------- command line
 
 def _load_main():
