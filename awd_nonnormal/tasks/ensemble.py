@@ -373,6 +373,8 @@ class _Ensemble:
         for m in members:
             m.square_avg = None
         self._vectors()
+        # False while a batch or an epoch's end is half done: a second Ctrl-C then saves nothing
+        self.at_boundary = True
 
     def _vectors(self) -> None:
         cfg = [m.config for m in self.members]
@@ -740,18 +742,24 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
                 if ens.members[0].position < n_batches:  # (a run saved at an epoch's end: evaluate)
                     _train_batch(ens, on_batch, account, leave)
                 if ens.members and ens.members[0].position >= n_batches:
+                    ens.at_boundary = False
                     t0 = time.perf_counter()
                     vals = ens.evaluate()
                     account(time.perf_counter() - t0)
                     leave([i for i, (m, val) in enumerate(zip(ens.members, vals))
                            if not _end_epoch(ens, i, m, val)])
+                    ens.at_boundary = True
                 if interrupt.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            for i in range(len(ens.members)):
-                ens.save(i)
-            logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
-                           len(ens.members))
+            if ens.at_boundary:
+                for i in range(len(ens.members)):
+                    ens.save(i)
+                logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
+                               len(ens.members))
+            else:  # a second Ctrl-C inside an update: the checkpoints keep their last states
+                logger.warning("ensemble aborted in the middle of a batch; each checkpoint keeps "
+                               "its run's last saved state")
             raise
     return finished
 
@@ -803,6 +811,7 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
             gen = _generator(m.config.seed, f"shuffle/{m.epoch}")
             orders[key] = torch.randperm(ens.n_train, generator=gen)
     losses, norms = ens.step(orders)
+    ens.at_boundary = False
     skip, diverged = [], []
     for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
         where = f"epoch {m.epoch + 1}, batch {m.position + 1}"
@@ -813,14 +822,16 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
         except Diverged as exc:
             _diverge(m, exc)
             diverged.append(i)
-            continue
-        m.loss_sum += value * _batch_len(ens, m.position)
-        m.loss_count += _batch_len(ens, m.position)
-        m.position += 1
-    ens.update(skip + diverged)
+    ens.update(skip + diverged)  # the weights move before the positions do
+    for i, (m, value) in enumerate(zip(ens.members, losses)):
+        if i not in diverged:
+            m.loss_sum += value * _batch_len(ens, m.position)
+            m.loss_count += _batch_len(ens, m.position)
+            m.position += 1
     reported = {str(m.run_dir): v for m, v in zip(ens.members, losses)}
     account(time.perf_counter() - t0)
     leave(diverged)
+    ens.at_boundary = True
     if on_batch is not None:
         on_batch(epoch, position, reported)
 

@@ -388,6 +388,7 @@ class Trainer:
         # a full epoch of skipped steps in a row: the weights have stopped moving for good
         self.guard = NonFiniteGuard(max_skipped=self.n_batches)
         self.epoch, self.position = 0, 0
+        self.at_boundary = True  # False while a batch or an epoch's end is half done
         self.metrics: List[Dict[str, Any]] = []
         self.loss_sum, self.loss_count, self.epoch_time, self.elapsed = 0.0, 0, 0.0, 0.0
         self.status, self.message = "completed", ""
@@ -453,6 +454,7 @@ class Trainer:
             while self.position < self.n_batches:
                 index = order[self.position * config.batch_size:(self.position + 1) * config.batch_size]
                 x, y = model_batch(self.train_set, index, self.device)
+                self.at_boundary = False
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = task.loss(self.model(x), y, config.loss)
                 value = loss.item()
@@ -472,6 +474,7 @@ class Trainer:
                 self.loss_sum += value * len(index)
                 self.loss_count += len(index)
                 self.position += 1
+                self.at_boundary = True
                 if bar is not None:
                     bar.update(1)
                     if self.position % 50 == 0:
@@ -486,6 +489,7 @@ class Trainer:
 
     def end_epoch(self, seconds: float) -> None:
         """Validate, record the epoch's metrics row, and decide whether the run goes on."""
+        self.at_boundary = False
         val = evaluate(self.model, self.task, self.val_set, self.device, self.options.eval_batch_size,
                        self.config.loss)
         self.epoch_time += seconds
@@ -510,6 +514,7 @@ class Trainer:
             return
         if val["loss"] < self.config.stop_loss:
             self.status = "converged"
+        self.at_boundary = True
         if self.status == "completed" and self.epoch < self.config.epochs:
             self.save()
 
@@ -557,9 +562,13 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.epoch_time += dt
                 self.elapsed += dt
-                self.save()
-                logger.warning("%s: interrupted at epoch %d, batch %d; checkpoint saved", self.run_dir,
-                               self.epoch + 1, self.position)
+                if self.at_boundary:
+                    self.save()
+                    logger.warning("%s: interrupted at epoch %d, batch %d; checkpoint saved", self.run_dir,
+                                   self.epoch + 1, self.position)
+                else:  # a second Ctrl-C inside a batch: the weights may be half updated
+                    logger.warning("%s: aborted in the middle of epoch %d; the checkpoint keeps the "
+                                   "last saved state", self.run_dir, self.epoch + 1)
                 raise
         return self.finish()
 
