@@ -246,6 +246,30 @@ def test_cli_sweep_with_worker_processes(tmp_path, capsys):
                          ["models"]["chain"]["best"]["final_val_loss_mean"])
 
 
+def test_cli_sweep_with_a_failed_run_exits_1_without_a_traceback(tmp_path, capsys, caplog, monkeypatch):
+    from awd_nonnormal.checkpoint import CheckpointError
+    train = T.train
+
+    def broken(config, run_dir, *a, **kw):
+        if config.seed == 2:
+            raise CheckpointError(f"{run_dir}/checkpoint.pt is damaged")
+        return train(config, run_dir, *a, **kw)
+
+    monkeypatch.setattr(T, "train", broken)
+    argv = ["sweep", "--models", "chain", "--lr", "1e-3", "--seeds", "1,2", "--values", "chain=1.0",
+            "--out", str(tmp_path), *TINY_FLAGS]
+    assert cli.main(argv) == 1  # a data/checkpoint error (awd_nonnormal.cli.EXIT_ERROR)
+    assert T.is_finished(tmp_path / "chain" / "alpha1-lr0.001-seed1")
+    failed = [r for r in caplog.records if "failed" in r.getMessage() and "seed2" in r.getMessage()]
+    assert failed and "is damaged" in failed[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)  # one line, no traceback
+    # an unknown error (a bug) keeps its traceback
+    monkeypatch.setattr(T, "train", lambda *a, **kw: 1 / 0)
+    caplog.clear()
+    assert cli.main(argv) == 1
+    assert any(r.exc_info is not None for r in caplog.records)
+
+
 def _files(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
             if p.is_file()}

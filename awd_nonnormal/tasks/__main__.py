@@ -276,9 +276,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(S.format_plan(plan))
         return 0
     cli.set_threads(args.threads)
-    S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
-                progress=not args.no_progress, ensemble=ensemble)
+    stats = S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
+                        progress=not args.no_progress, ensemble=ensemble)
     _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
+    if stats["errors"]:
+        print(f"{PROG}: error: {len(stats['errors'])} run(s) failed (see the log above); the same "
+              "command runs them again", file=sys.stderr)
+        return cli.EXIT_ERROR
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from .. import cli
 from .. import init as initmod
 from ..analysis import mean_sem
 from ..progress import progress_bar
@@ -521,6 +522,15 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop) -> No
         initmod.load_plugin(plugin)
 
 
+def _log_failure(exc: Exception, what: str) -> None:
+    """A known error (one with an exit code, :func:`awd_nonnormal.cli.exit_code`) as one line; an
+    unknown one, a bug, with its traceback."""
+    if cli.exit_code(exc) is None:
+        logger.exception("%s failed", what)
+    else:
+        logger.error("%s failed: %s", what, cli.one_line(exc))
+
+
 def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple[str, Optional[Dict[str, Any]], Optional[str]]:
     """Train one run; an error becomes a message (the sweep goes on). In this process Ctrl-C
     propagates; in a worker, a stop request ends the run after its current batch (checkpoint
@@ -542,7 +552,7 @@ def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple
         stop.set()
         return run_dir, None, "interrupted"
     except Exception as exc:  # one broken run must not end the sweep
-        logger.exception("run %s failed", run_dir)
+        _log_failure(exc, f"run {run_dir}")
         return run_dir, None, f"{type(exc).__name__}: {exc}"
 
 
@@ -568,7 +578,7 @@ def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
         stop.set()
         return [(d, None, "interrupted") for d in run_dirs]
     except Exception as exc:  # one broken ensemble must not end the sweep
-        logger.exception("ensemble of %d runs from %s failed", len(run_dirs), run_dirs[0])
+        _log_failure(exc, f"ensemble of {len(run_dirs)} runs from {run_dirs[0]}")
         return [(d, None, f"{type(exc).__name__}: {exc}") for d in run_dirs]
 
 
