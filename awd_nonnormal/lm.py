@@ -816,8 +816,10 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
         trainer.restore(ckpt, Path(resume))
         trainer.write_metrics_file()
         del ckpt
-    elif paths.metrics.exists():  # --overwrite: a new run starts a new metrics file
-        paths.metrics.unlink()
+    else:  # --overwrite: no file of the old run is left (its latest state would resume it)
+        for f in sorted(paths.best.parent.iterdir()):
+            if paths.owns(f.name) and f.is_file():
+                f.unlink()
     interrupted, where = trainer.fit()
     st = trainer.state
     seconds = sum(m["train_time_s"] for m in st.metrics)

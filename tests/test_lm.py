@@ -538,6 +538,27 @@ def test_nan_exits_nonzero_from_main(tmp_path, corpus, monkeypatch, capsys):
     assert not save.exists() and not save.with_name("model.latest.pt").exists()
 
 
+def test_overwrite_removes_every_file_of_the_old_run(tmp_path, corpus, monkeypatch):
+    mc, tc = configs(tmp_path, corpus, epochs=1)
+    old = run(mc, tc)
+    folder = old.paths.best.parent
+    (folder / "model.e1.pt").write_bytes(old.paths.best.read_bytes())  # a snapshot of the old run
+    (folder / "other.pt").write_bytes(b"not this run's")
+    assert old.paths.latest.exists() and old.paths.initial.exists()
+
+    class Killed(Exception):
+        pass
+
+    def killed(self):  # the new run dies before it writes anything
+        raise Killed
+
+    monkeypatch.setattr(lm.Trainer, "fit", killed)
+    with pytest.raises(Killed):
+        run(mc, dataclasses.replace(tc, overwrite=True, seed=7))
+    # nothing of the old run is left for --resume NAME.latest.pt to continue by mistake
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["other.pt"]
+
+
 def test_ctrl_c_exits_130_from_main(tmp_path, corpus, monkeypatch, capsys):
     main = _load_main()
     fired = interrupt_at(monkeypatch, 1, batch=2)
