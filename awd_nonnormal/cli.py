@@ -33,6 +33,7 @@ import torch
 from .checkpoint import CheckpointError
 from .data import DataError
 from .init import add_init_arguments
+from .lm import LMError
 from .runs import Diverged, ResumeConflict, RunExistsError
 from .utils import DEVICES
 
@@ -55,16 +56,17 @@ EXIT_CODES = {"ok": EXIT_OK, "data/checkpoint error": EXIT_ERROR, "usage error":
 
 
 # Checked in order: the first class that matches gives the code. A ValueError not listed before
-# it is a bad value (usage); commands add their own file errors with register_data_error.
+# it is a bad value (usage); commands add their own file errors with register_data_error. Any
+# other error (a RuntimeError from torch, a bug) is not caught: it keeps its traceback.
 _ERRORS: list = [
     (RunExistsError, EXIT_RUN_EXISTS),
     (Diverged, EXIT_DIVERGED),
     (ResumeConflict, EXIT_USAGE),
     (CheckpointError, EXIT_ERROR),
     (DataError, EXIT_ERROR),
+    (LMError, EXIT_ERROR),
     (OSError, EXIT_ERROR),
     (ValueError, EXIT_USAGE),
-    (RuntimeError, EXIT_ERROR),
 ]
 
 

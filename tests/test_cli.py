@@ -113,6 +113,11 @@ def test_exit_code_table():
     assert cli.exit_code(Diverged("x")) == cli.EXIT_DIVERGED == 4
     assert cli.exit_code(KeyboardInterrupt()) == cli.EXIT_INTERRUPTED == 130
     assert cli.exit_code(ZeroDivisionError()) is None  # a bug is not hidden behind a message
+    from awd_nonnormal.lm import LMError
+    assert cli.exit_code(LMError("x")) == cli.EXIT_ERROR
+    # torch's and internal RuntimeErrors (out of memory, shape bugs) keep their traceback
+    assert cli.exit_code(RuntimeError("CUDA out of memory")) is None
+    assert cli.exit_code(torch.OutOfMemoryError("x")) is None
     assert sorted(cli.EXIT_CODES.values()) == [0, 1, 2, 3, 4, 130]
 
 
