@@ -90,6 +90,15 @@ def test_both_clis_agree_on_bad_input(case, tmp_path, capsys):
         assert "Traceback" not in captured.err
 
 
+def test_nothing_to_resume_is_a_data_error_in_both(tmp_path, capsys):
+    (tmp_path / "task").mkdir()
+    for fn, argv in ((lm_main.main, _lm(tmp_path, "--resume", str(tmp_path / "none.latest.pt"))),
+                     (tasks_main.main, ["train", "--resume", "--out", str(tmp_path / "task"), "--no-progress"])):
+        assert _exit(fn, argv) == cli.EXIT_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_a_usage_error_in_both(device, tmp_path, capsys):

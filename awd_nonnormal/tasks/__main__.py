@@ -189,7 +189,7 @@ def _train_config(args: argparse.Namespace, options: Optional[T.RunOptions] = No
         stack.enter_context(T.run_lock(args.out))
         stored = T.stored_config(args.out)
         if stored is None:
-            raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
+            raise T.TaskDataError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
         config = T.adopt_unknown_data(stored, T.identify_data(T.config_from_dict(stored), options),
                                       args.out)
         # a larger --epochs extends the run, finished or not

@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import DataError
 from ..init import INIT_PARAMS, InitOptions, check_init
 from ..rnn import NONLINEARITIES
 from ..runs import RunExistsError
@@ -26,7 +27,7 @@ from . import rules
 from .data import generator as _generator
 
 __all__ = [
-    "TaskError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
+    "TaskError", "TaskDataError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
     "PsMnistTask", "TASKS", "get_task", "make_config", "config_from_dict", "upgrade_config_dict", "LEGACY_SETTINGS", "CLIP_MODES",
     "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT",
 ]
@@ -42,6 +43,12 @@ DEFAULT_INIT = InitOptions(spec="chain", zero_bias=True)
 
 class TaskError(ValueError):
     """A bad task setting (unknown task, invalid value); the message says what is valid."""
+
+
+class TaskDataError(TaskError, DataError):
+    """A run folder or data set that cannot be used as asked (no run to resume, a run made on
+    other data): a data error (exit status 1), as the language model's
+    :class:`~awd_nonnormal.data.DataError`."""
 
 
 #: The run-exists error under its former task-side name.

@@ -60,7 +60,7 @@ from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, ME
 from ..utils import resolve_device
 from . import data as D
 from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTION, TASKS,
-                     RunConflict, RunOptions, Task, TaskConfig, TaskError, _positive_int,
+                     RunConflict, RunOptions, Task, TaskConfig, TaskDataError, TaskError, _positive_int,
                      config_from_dict, get_task, make_config)
 from .data import derive_seed
 from .data import generator as _generator
@@ -69,7 +69,7 @@ from . import rules
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TaskError", "RunConflict", "Task", "TASKS", "get_task", "TaskConfig", "RunOptions",
+    "TaskError", "TaskDataError", "RunConflict", "Task", "TASKS", "get_task", "TaskConfig", "RunOptions",
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
@@ -229,7 +229,7 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
     run_dir = Path(run_dir)
     stored = stored_config(run_dir)
     if stored is None:
-        raise TaskError(f"{run_dir} holds no run (no {CONFIG_FILE})")
+        raise TaskDataError(f"{run_dir} holds no run (no {CONFIG_FILE})")
     epochs = _positive_int("epochs", epochs)
     if epochs <= stored["epochs"]:
         raise TaskError(f"{run_dir}: the run already has an epoch limit of {stored['epochs']}; "
@@ -251,12 +251,12 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
 def identify_data(config: TaskConfig, options: RunOptions) -> TaskConfig:
     """``config`` with the fingerprint of the data it reads (psMNIST: the IDX files in
     ``options.mnist_dir``; other tasks generate theirs and are returned as they are). A config
-    that records other data than the folder holds is refused (:class:`TaskError`)."""
+    that records other data than the folder holds is refused (:class:`TaskDataError`)."""
     found = get_task(config.task).fingerprint(config, options)
     if found is None or config.data_fingerprint == found:
         return config
     if config.data_fingerprint is not None:
-        raise TaskError(f"the run was made on other data (fingerprint {config.data_fingerprint[:12]}) "
+        raise TaskDataError(f"the run was made on other data (fingerprint {config.data_fingerprint[:12]}) "
                         f"than the files in {options.mnist_dir} (fingerprint {found[:12]}); point "
                         f"--mnist-dir at the run's data, or start another run")
     return dataclasses.replace(config, data_fingerprint=found)
