@@ -140,8 +140,8 @@ def test_a_sweep_run_locked_by_another_process_is_an_error_of_that_run_only(tmp_
     out = tmp_path / "sw"
     argv = [*SWEEP[:-1], "chain=1.0,1.01", "--out", str(out)]
     holder = _hold(out / "chain" / "alpha1-lr0.001-seed1" / runs.LOCK_FILE)
-    try:
-        assert _exit(tasks_main.main, argv) == cli.EXIT_OK
+    try:  # the other runs go on; the sweep then exits 1 for the run it could not train
+        assert _exit(tasks_main.main, argv) == cli.EXIT_ERROR
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
