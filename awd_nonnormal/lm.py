@@ -764,6 +764,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     temporary files that a killed write of this run left are removed. A resumed run must go on
     on the text it started on (the checkpoint's ``data_fingerprint``).
     """
+    if resume is None or "save" in explicit:  # outputs are checked before any input is read
+        check_output_file(RunPaths.from_save(train_cfg.save).best, "--save")
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume, kind="lm")

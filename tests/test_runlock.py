@@ -170,6 +170,8 @@ def _file(tmp_path):
 UNWRITABLE = {
     "main.py --save": (lm_main.main, lambda bad: [*LM, "--data", "no/such/corpus",
                                                   "--save", f"{bad}/model.pt"]),
+    "main.py --resume --save": (lm_main.main, lambda bad: ["--resume", "no/such/model.latest.pt",
+                                                            "--save", f"{bad}/model.pt"]),
     "tasks --out": (tasks_main.main, lambda bad: ["train", *TASK, "--task", "psmnist",
                                                   "--mnist-dir", "no/such/mnist", "--out", bad]),
     "sweep --out": (tasks_main.main, lambda bad: [*SWEEP, "--out", bad]),
