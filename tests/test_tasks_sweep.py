@@ -270,6 +270,16 @@ def test_cli_sweep_with_a_failed_run_exits_1_without_a_traceback(tmp_path, capsy
     assert any(r.exc_info is not None for r in caplog.records)
 
 
+def test_psmnist_dry_run_needs_no_mnist_files(tmp_path, capsys):
+    argv = ["sweep", "--task", "psmnist", "--models", "chain", "--lr", "1e-3", "--seeds", "1",
+            "--values", "chain=1.0", "--mnist-dir", str(tmp_path / "none"), "--out",
+            str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "1 runs (0 finished)" in out and "getdata.sh mnist" in out
+    assert not (tmp_path / "s").exists()
+
+
 def _files(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
             if p.is_file()}

@@ -267,14 +267,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise T.TaskError(f"--workers must be a positive integer, got {args.workers}")
     ensemble = "auto" if args.ensemble == "auto" else E.check_members_count(args.ensemble)
     options = _options(args, progress=False)
-    if not args.dry_run:
-        check_output_dir(out, "--out")
-    base["data_fingerprint"] = T.get_task(base.get("task", "copy")).fingerprint(
-        T.make_config(**base), options)
-    plan = S.plan_sweep(grid, base, out)
-    if args.dry_run:
-        print(S.format_plan(plan))
+    task = T.get_task(base.get("task", "copy"))
+    if args.dry_run:  # the plan needs no data: without them it cannot tell which runs are done
+        try:
+            base["data_fingerprint"] = task.fingerprint(T.make_config(**base), options)
+        except D.IDXError as exc:
+            print(f"({cli.one_line(exc)}: the plan counts no run as finished)")
+        print(S.format_plan(S.plan_sweep(grid, base, out)))
         return 0
+    check_output_dir(out, "--out")
+    base["data_fingerprint"] = task.fingerprint(T.make_config(**base), options)
+    plan = S.plan_sweep(grid, base, out)
     cli.set_threads(args.threads)
     stats = S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
                         progress=not args.no_progress, ensemble=ensemble)
