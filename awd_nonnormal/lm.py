@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
                          save_initial, set_rng_state)
 from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
+from .init import INIT_PARAMS
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
                    RunExistsError, RunLock, check_output_file, check_resume,
@@ -701,6 +702,19 @@ def _flat_settings(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Dict[str, 
     return flat
 
 
+#: Settings (the names of :func:`_flat_settings`) whose flag in ``main.py`` is not
+#: ``--name-with-dashes``.
+_FLAGS = {"rnn_type": "--model", "batch_size": "--batch_size", "progress": "--no-progress",
+          "tied": "--tied/--no-tied", "init.spec": "--init", "init.zero_bias": "--init-zero-bias",
+          "init.plugins": "--init-plugin", "init.params": "/".join(f"--init-{k}" for k in INIT_PARAMS)}
+
+
+def setting_flag(name: str) -> str:
+    """The ``main.py`` flag of a setting, for messages: ``emsize`` -> ``--emsize``,
+    ``rnn_type`` -> ``--model``, ``init.plugins`` -> ``--init-plugin``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig,
                         explicit: FrozenSet[str], where: str = "checkpoint") -> Tuple[ModelConfig, TrainConfig]:
     """The configs of a resumed run: the checkpoint's, with the explicitly given
@@ -720,7 +734,7 @@ def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_c
     wanted = {k: v for k, v in given.items() if k in explicit}
     try:
         merged = check_resume(_flat_settings(saved_model, saved_train), wanted, RESUMABLE_CHANGES,
-                              where=where, flag=lambda name: name, source="the checkpoint")
+                              where=where, flag=setting_flag, source="the checkpoint")
     except ResumeConflict as exc:
         raise ResumeError(f"{exc}. A resumed run keeps the model and optimisation settings of its "
                           f"checkpoint; start a new run (without --resume) to change the "

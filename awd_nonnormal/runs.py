@@ -235,7 +235,7 @@ def check_resume(stored: Mapping[str, Any], wanted: Mapping[str, Any],
         else:
             conflicts.append(f"{spell(name)} {value!r} ({source} has {old!r})")
     if conflicts:
-        changeable = f"; only {', '.join(sorted(allowed))} may change" if allowed else ""
+        changeable = f"; only {', '.join(sorted(map(spell, allowed)))} may change" if allowed else ""
         raise ResumeConflict(f"cannot resume {where} with other settings: {', '.join(conflicts)}"
                              f"{changeable}")
     return merged

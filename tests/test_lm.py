@@ -431,8 +431,12 @@ def test_resume_refuses_mismatches(tmp_path, corpus):
     mc, tc = configs(tmp_path, corpus)
     result = run(mc, tc)
     latest = str(result.paths.latest)
-    with pytest.raises(ResumeError, match="nhid 32 .*checkpoint has 16"):
+    # settings are named by their flags; so are those that may change
+    with pytest.raises(ResumeError, match="--nhid 32 .*checkpoint has 16.*only .*--eval-batch-size"):
         run(dataclasses.replace(mc, nhid=32), tc, resume=latest, explicit=frozenset({"nhid"}))
+    with pytest.raises(ResumeError, match="--model 'GRU' .*--batch_size 3 "):
+        run(dataclasses.replace(mc, rnn_type="GRU"), dataclasses.replace(tc, batch_size=3),
+            resume=latest, explicit=frozenset({"rnn_type", "batch_size"}))
     with pytest.raises(ResumeError, match="lr"):
         run(mc, dataclasses.replace(tc, lr=1.0), resume=latest, explicit=frozenset({"lr"}))
     with pytest.raises(ResumeError, match="latest"):
