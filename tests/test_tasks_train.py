@@ -287,6 +287,22 @@ def test_config_defaults_and_errors():
             T.make_config(**kw)
 
 
+def test_clip_0_is_no_clipping(tmp_path):
+    # as for language models (main.py --clip 0): the same training as --clip-mode none
+    c = tiny(clip=0, epochs=1)
+    assert (c.clip, c.clip_mode) == (0.0, "none")
+    assert T.config_from_dict(c.to_dict()) == c  # a stored run reads back
+    a = T.train(c, tmp_path / "zero", OPTS)
+    b = T.train(tiny(clip_mode="none", epochs=1), tmp_path / "none", OPTS)
+    assert [m["train_loss"] for m in a.metrics] == [m["train_loss"] for m in b.metrics]
+    wa, wb = _state(tmp_path / "zero")["model"], _state(tmp_path / "none")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(T.TaskError, match="--clip 0 means no clipping"):
+        T.make_config(clip=0, clip_mode="global")
+    with pytest.raises(T.TaskError, match="clip must be"):
+        T.make_config(clip=-1)
+
+
 def test_run_name_is_stable_and_distinct():
     assert T.run_name(tiny()) == T.run_name(tiny())
     assert T.run_name(tiny()) != T.run_name(tiny(T=26))

@@ -62,7 +62,8 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-val", type=int, help="validation sequences/images (default 10000)")
     g.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
-    g.add_argument("--clip", type=float, help="gradient-norm clip (default 10)")
+    g.add_argument("--clip", type=float, help="gradient-norm clip (default 10; 0: no clipping, "
+                   "which is --clip-mode none)")
     g.add_argument("--clip-mode", choices=T.CLIP_MODES,
                    help="'global': scale every gradient by clip / max(norm, clip) with one norm "
                    "over all of them (Keras 2.2 clipnorm, the paper's code; default); 'tensor': "

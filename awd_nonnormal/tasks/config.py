@@ -275,6 +275,13 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _is_zero(value: Any) -> bool:
+    try:
+        return float(value) == 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _positive_float(name: str, value: Any) -> float:
     try:
         v = float(value)
@@ -348,8 +355,13 @@ def make_config(**kwargs: Any) -> TaskConfig:
     for name in ("n_train", "n_val", "epochs", "batch_size"):
         if name in c:
             c[name] = _positive_int(name.replace("_", "-"), c[name])
+    if "clip" in c and _is_zero(c["clip"]):  # --clip 0: no clipping, as for language models
+        if c.get("clip_mode", "none") != "none":
+            raise TaskError(f"--clip 0 means no clipping, which is --clip-mode none, not "
+                            f"{c['clip_mode']!r}; give a clip > 0 for that mode")
+        c["clip"], c["clip_mode"] = 0.0, "none"
     for name in ("lr", "clip", "opt_eps"):
-        if name in c:
+        if name in c and not (name == "clip" and c["clip"] == 0.0):
             c[name] = _positive_float(name.replace("_", "-"), c[name])
     if "stop_loss" in c:  # 0 never stops early
         c["stop_loss"] = float(c["stop_loss"])

@@ -87,7 +87,7 @@ def clip_gradients_(grads: Sequence[Tensor], max_norm: float, mode: str = "globa
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"unknown clip mode {mode!r}; valid: {', '.join(CLIP_MODES)}")
-    if not max_norm > 0:
+    if mode != "none" and not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = list(grads)
     with torch.no_grad():
