@@ -516,8 +516,7 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads > 0:
         torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    cli.setup_logging(quiet_level=level)
     for plugin in plugins:
         initmod.load_plugin(plugin)
 
