@@ -34,7 +34,7 @@ from .. import cli
 from .. import init as initmod
 from ..analysis import mean_sem
 from ..progress import progress_bar
-from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries
+from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries, write_json, write_text
 from ..utils import parse_number
 from . import ensemble as E
 from . import train as T
@@ -605,12 +605,9 @@ def run_sweep(plan: SweepPlan, options: T.RunOptions = T.RunOptions(), *, worker
 def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: int,
                progress: bool, ensemble: Union[int, str],
                on_run_done: Optional[RunHook]) -> Dict[str, Any]:
-    from ..checkpoint import atomic_write
     plan.out.mkdir(parents=True, exist_ok=True)
-    manifest = {"settings": plan.settings, "grid": plan.grid.to_dict(), "baseline": plan.baseline,
-                "task": plan.task}
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write(plan.out / SWEEP_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_json(plan.out / SWEEP_FILE, {"settings": plan.settings, "grid": plan.grid.to_dict(),
+                                       "baseline": plan.baseline, "task": plan.task})
 
     pending = [r for r in plan.runs if not T.is_finished(r.run_dir)]
     skipped = len(plan.runs) - len(pending)
@@ -798,7 +795,6 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     files there already hold this summary, nothing is rewritten (their dates stay as they were)
     and the list is empty."""
     from .. import plots
-    from ..checkpoint import atomic_write
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -821,13 +817,7 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     if all(_read(path) == text for path, text in texts.items()) and all(f.is_file() for f in figures):
         return []
 
-    def writer(text: str):
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as fh:
-                fh.write(text)
-        return write
-
-    paths = [atomic_write(path, writer(text)) for path, text in texts.items()]
+    paths = [write_text(path, text) for path, text in texts.items()]
     if curves:
         paths.append(plots.task_loss_curves(curves, summary["baseline"], out / "best_curves.png",
                                             title=title))
