@@ -29,9 +29,8 @@ from awd_nonnormal import cli
 from awd_nonnormal.finetune import finetune
 from awd_nonnormal.init import available, init_options_from_args
 from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
-from awd_nonnormal.model import ModelConfig, check_init
+from awd_nonnormal.model import ModelConfig
 from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES
-from awd_nonnormal.utils import resolve_device
 
 PROG = "main.py"
 logger = logging.getLogger("main")
@@ -238,12 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def command() -> int:
         model_cfg, train_cfg = configs_from_args(args)
-        resolve_device(train_cfg.device)
         if args.finetune and args.resume:
             raise ValueError("--finetune starts a new run from a model, --resume continues a run: "
                              "give one of them")
         if args.resume is None and args.finetune is None:  # these load their model
-            check_init(model_cfg)
             if model_cfg.tied and model_cfg.nlayers == 1 and "nhid" in explicit and model_cfg.nhid != model_cfg.emsize:
                 logger.warning("--nhid %d is not used: with tied weights the last layer has --emsize %d "
                                "units, and the model has one layer (pass --no-tied for %d units)",

@@ -101,10 +101,7 @@ def finetune(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     before anything is written."""
     ckpt = load_checkpoint(source, kind="lm")
     model_cfg, train_cfg = finetune_configs(ckpt, model_cfg, train_cfg, explicit, source)
-    try:
-        device = resolve_device(train_cfg.device)
-    except ValueError as exc:
-        raise LMError(str(exc)) from None
+    device = resolve_device(train_cfg.device)  # a ValueError: a bad --device is a usage error
     paths = RunPaths.from_save(train_cfg.save)
     own = set(_source_files(Path(source)))
     if {p.resolve() for p in (paths.best, paths.latest, paths.metrics, paths.initial)} & own:

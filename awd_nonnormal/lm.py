@@ -793,10 +793,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
         model_cfg, train_cfg = merge_resume_config(ckpt, model_cfg, train_cfg, explicit, where=str(resume))
     if ckpt is None:  # a resumed model is loaded, not initialised: it needs no plug-in
         check_init(model_cfg)
-    try:
-        device = resolve_device(train_cfg.device)
-    except ValueError as exc:
-        raise LMError(str(exc)) from None
+    device = resolve_device(train_cfg.device)  # a ValueError: a bad --device is a usage error
     paths = RunPaths.from_save(train_cfg.save)
     check_output_file(paths.best, "--save")
     with RunLock(paths.lock, f"the run {paths.best}"):
