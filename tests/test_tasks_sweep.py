@@ -280,6 +280,16 @@ def test_psmnist_dry_run_needs_no_mnist_files(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_each_written_summary_file_is_reported_once(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    argv = ["sweep", "--models", "chain", "--lr", "1e-3", "--seeds", "1", "--values", "chain=1.0",
+            "--out", str(tmp_path), *TINY_FLAGS]
+    assert cli.main(argv) == 0
+    said = capsys.readouterr().out + caplog.text
+    for name in ("summary.csv", "summary.json", "best_curves.png", "success_counts.png"):
+        assert said.count(f"wrote {tmp_path / name}") == 1, name
+
+
 def _files(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
             if p.is_file()}

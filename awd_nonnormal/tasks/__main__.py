@@ -240,7 +240,8 @@ def _print_and_write_summary(summary, out: Path) -> None:
     print(S.format_summary(summary))
     written = S.write_summary(summary, out)
     for path in written:
-        print(f"wrote {path}")
+        if path.suffix != ".png":  # awd_nonnormal.plots logs the figures it writes
+            print(f"wrote {path}")
     if not written:
         print(f"summary files in {out} unchanged (summary.csv, summary.json, figures)")
 
