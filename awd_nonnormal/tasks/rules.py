@@ -1,4 +1,5 @@
-"""The training rules of the paper's Keras 2.2 code, as pure functions (SPEC.md section 4).
+"""The training rules of the paper's Keras 2.2 code for the experiments of its section 3.1.1,
+as pure functions.
 
 * Gradient-norm clipping. Keras 2.2 (``keras.optimizers.Optimizer.get_gradients``, the standalone
   Keras the paper's ``train.py`` imports) computes ONE norm over all gradients,
