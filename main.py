@@ -27,7 +27,7 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from awd_nonnormal import cli
 from awd_nonnormal.finetune import finetune
-from awd_nonnormal.init import available, init_options_from_args
+from awd_nonnormal.init import init_options_from_args
 from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
 from awd_nonnormal.model import ModelConfig
 from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES

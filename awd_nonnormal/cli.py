@@ -26,7 +26,7 @@ import argparse
 import logging
 import re
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Callable, Optional, Sequence, Type
 
 import torch
 

@@ -1,7 +1,6 @@
 """Both training command lines answer the same bad input with the same exit code
 (awd_nonnormal.cli.EXIT_CODES) and one line on stderr, without a traceback."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -35,8 +35,6 @@ from . import train as T
 
 PROG = "python -m awd_nonnormal.tasks"
 SUBCOMMANDS = ("train", "sweep")
-EXIT_USAGE = cli.EXIT_USAGE
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 
 cli.register_data_error(D.IDXError)
 

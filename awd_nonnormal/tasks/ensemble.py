@@ -338,13 +338,6 @@ class _Member:
 BatchHook = Callable[[int, int, Dict[str, float]], None]
 
 
-def _loss_kind(config: T.TaskConfig) -> Tuple[str, ...]:
-    """The extra argument of ``Task.loss`` for the config's loss kind (none where configs have no
-    loss setting)."""
-    kind = getattr(config, "loss", None)
-    return () if kind is None else (kind,)
-
-
 def _data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
     return (config.seed, config.resolved_perm_seed())
 
@@ -404,7 +397,7 @@ class _Ensemble:
     def _losses(self, out: Tensor, ys: List[Tensor]) -> Tensor:
         """Each member's mean loss (M,), by the single-run trainer's own loss function."""
         outs = out.unbind(0)
-        return torch.stack([self.task.loss(o, y, *_loss_kind(m.config))
+        return torch.stack([self.task.loss(o, y, m.config.loss)
                             for o, y, m in zip(outs, ys, self.members)])
 
     # ---- one optimizer step of every member ---------------------------------------------

@@ -58,7 +58,6 @@ from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, ME
                     differences, is_finished, read_json, read_metrics, read_result,
                     remove_stale_temporaries, write_json)
 from ..utils import resolve_device
-from . import data as D
 from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTION, TASKS,
                      RunConflict, RunOptions, Task, TaskConfig, TaskDataError, TaskError, _positive_int,
                      config_from_dict, get_task, make_config)
