@@ -11,8 +11,8 @@ which is ``--device auto|cpu|cuda``, and ``--model RNN``, which has the defaults
 Examples::
 
     python main.py --data data/penn --model RNN --init chain --init-alpha 0.95 --optimizer adam --lr 1e-3
-    python main.py --resume runs/20240101-120000/model.latest.pt --epochs 100
-    python main.py --finetune runs/20240101-120000/model.pt --epochs 50   # = python finetune.py ...
+    python main.py --resume runs/20240101-120000-4242/model.latest.pt --epochs 100
+    python main.py --finetune runs/20240101-120000-4242/model.pt --epochs 50   # = python finetune.py ...
 """
 
 from __future__ import annotations
