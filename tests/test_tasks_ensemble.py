@@ -218,7 +218,7 @@ def test_second_ctrl_c_inside_an_update_saves_nothing(tmp_path, monkeypatch):
     dirs = [tmp_path / "a", tmp_path / "b"]
     n_batches = math.ceil(configs[0].n_train / configs[0].batch_size)
     kept = {d / T.CHECKPOINT_FILE: None for d in dirs}
-    _hard_interrupt_inside(monkeypatch, E, E._Ensemble, "update", n_batches + 1, kept)
+    _hard_interrupt_inside(monkeypatch, E, E.Ensemble, "update", n_batches + 1, kept)
     with pytest.raises(KeyboardInterrupt):
         E.train_ensemble(configs, dirs, OPTS)
     for d in dirs:  # each checkpoint still holds the end of epoch 1

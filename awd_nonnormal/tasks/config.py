@@ -29,7 +29,7 @@ from .data import generator as _generator
 __all__ = [
     "TaskError", "TaskDataError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
     "PsMnistTask", "TASKS", "get_task", "make_config", "config_from_dict", "upgrade_config_dict", "LEGACY_SETTINGS", "CLIP_MODES",
-    "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT",
+    "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT", "positive_int",
 ]
 
 CLIP_MODES = rules.CLIP_MODES
@@ -136,7 +136,7 @@ class Task:
         """Fill in and check the task's own settings in the config dict ``c`` (``T`` and the
         task-specific ones); settings of other tasks are dropped, so equal runs get equal
         configs. Raises :class:`TaskError`."""
-        c["T"] = _positive_int("T", self.default_T if c.get("T") is None else c["T"])
+        c["T"] = positive_int("T", self.default_T if c.get("T") is None else c["T"])
         c["copy_layout"] = c["perm_seed"] = c["mnist_val"] = c["data_fingerprint"] = None
 
     def fingerprint(self, config: "TaskConfig", options: "RunOptions") -> Optional[str]:
@@ -269,7 +269,8 @@ def get_task(name: Union[str, Task]) -> Task:
 # Building and checking a config
 # --------------------------------------------------------------------------------------------
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1, else a :class:`TaskError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TaskError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -346,7 +347,7 @@ def make_config(**kwargs: Any) -> TaskConfig:
     except ValueError as exc:
         raise TaskError(str(exc)) from None
     task.settle(c)
-    c["hidden"] = _positive_int("hidden", task.hidden if c.get("hidden") is None else c["hidden"])
+    c["hidden"] = positive_int("hidden", task.hidden if c.get("hidden") is None else c["hidden"])
     nl = task.nonlinearity if c.get("nonlinearity") is None else c["nonlinearity"]
     if nl not in NONLINEARITIES:
         raise TaskError(f"unknown nonlinearity {nl!r}; valid: {', '.join(NONLINEARITIES)}")
@@ -354,7 +355,7 @@ def make_config(**kwargs: Any) -> TaskConfig:
 
     for name in ("n_train", "n_val", "epochs", "batch_size"):
         if name in c:
-            c[name] = _positive_int(name.replace("_", "-"), c[name])
+            c[name] = positive_int(name.replace("_", "-"), c[name])
     if "clip" in c and _is_zero(c["clip"]):  # --clip 0: no clipping, as for language models
         if c.get("clip_mode", "none") != "none":
             raise TaskError(f"--clip 0 means no clipping, which is --clip-mode none, not "

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
-from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
+from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
 from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE, RESULT_FILE,
                     Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
                     remove_stale_temporaries, write_json)
@@ -52,7 +52,8 @@ from .data import generator as _generator
 logger = logging.getLogger(__name__)
 
 __all__ = ["EnsembleModel", "ensemble_rnn", "train_ensemble", "PER_MEMBER_FIELDS",
-           "ensemble_key", "auto_members", "check_members_count", "member_bytes"]
+           "ensemble_key", "auto_members", "check_members_count", "member_bytes", "Member",
+           "Ensemble", "data_key"]
 
 #: Config fields in which the members of one ensemble may differ. All other fields (task, length,
 #: width, data sizes, batch size) must agree: they fix the shapes the members share.
@@ -157,7 +158,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             else:
                 h = torch.bmm(x2, w_ih.transpose(1, 2))
             h = h.view(M, T_, B, N)
-            activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
+            activate_ = ACTIVATIONS_IN_PLACE[nonlinearity]
             w_hh_t = w_hh.transpose(1, 2).contiguous()  # (M, N, N)
             # Each step is computed in a contiguous (M, B, N) block and then stored: an in-place
             # baddbmm_ on the strided slice falls back to one matmul per member (measured slower).
@@ -188,7 +189,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             d = x.shape[3]
             # delta_t = dL/dz_t, backwards through time (Werbos 1990), per member:
             #   g_t = grad_h[t] + delta_{t+1} W_hh,   delta_t = g_t * f'(z_t)
-            delta = _derivative_from_output(h, ctx.nonlinearity)  # (M, T, B, N) f'(z) from h
+            delta = derivative_from_output(h, ctx.nonlinearity)  # (M, T, B, N) f'(z) from h
             linear = delta is None
             if linear:
                 delta = torch.empty_like(h)
@@ -308,7 +309,7 @@ def _member_view(t: Tensor, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class _Member:
+class Member:
     """One run's bookkeeping: what :func:`.train.train` keeps in its locals and checkpoints."""
     config: T.TaskConfig
     run_dir: Path
@@ -338,14 +339,14 @@ class _Member:
 BatchHook = Callable[[int, int, Dict[str, float]], None]
 
 
-def _data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
+def data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
     return (config.seed, config.resolved_perm_seed())
 
 
-class _Ensemble:
+class Ensemble:
     """M members that stand at the same (epoch, batch), trained in lockstep."""
 
-    def __init__(self, members: List[_Member], models: List[torch.nn.Module],
+    def __init__(self, members: List[Member], models: List[torch.nn.Module],
                  options: T.RunOptions, device: torch.device, datasets: Dict[Any, Tuple[Any, Any]]):
         first = members[0].config
         self.task = T.get_task(first.task)
@@ -378,16 +379,16 @@ class _Ensemble:
 
     # ---- data ---------------------------------------------------------------------------
 
-    def _batch(self, split: int, index_of: Callable[[_Member], Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    def _batch(self, split: int, index_of: Callable[[Member], Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """Inputs (M, T, B, d) of every member (built once per distinct data set and index) and
         the members' targets."""
         cache: Dict[Any, Tuple[Tensor, Tensor]] = {}
         xs, ys = [], []
         for m in self.members:
             index = index_of(m)
-            key = (_data_key(m.config), index.data_ptr(), index.shape[0])
+            key = (data_key(m.config), index.data_ptr(), index.shape[0])
             if key not in cache:
-                dataset = self.datasets[_data_key(m.config)][split]
+                dataset = self.datasets[data_key(m.config)][split]
                 cache[key] = dataset.batch(index.to(self.device), self.device)
             x, y = cache[key]
             xs.append(x)
@@ -406,7 +407,7 @@ class _Ensemble:
         """Forward and backward pass of every member on its next batch, and clipping; returns
         the members' losses and gradient norms. :meth:`update` then applies the step."""
         bs = self.batch_size
-        x, ys = self._batch(0, lambda m: orders[(_data_key(m.config), m.epoch)]
+        x, ys = self._batch(0, lambda m: orders[(data_key(m.config), m.epoch)]
                             [m.position * bs:(m.position + 1) * bs])
         model = self.model
         model.zero_grad()
@@ -475,7 +476,7 @@ class _Ensemble:
         :func:`.train.evaluate`; batches of ``eval_batch_size`` rows over all members (at least
         16 per member)."""
         M = len(self.members)
-        n = len(self.datasets[_data_key(self.members[0].config)][1])
+        n = len(self.datasets[data_key(self.members[0].config)][1])
         per_member = max(1, max(self.options.eval_batch_size, 16 * M) // M)
         total = [0.0] * M
         correct = [0] * M
@@ -578,7 +579,7 @@ class _Ensemble:
 # --------------------------------------------------------------------------------------------
 
 def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device: torch.device,
-             datasets: Dict[Any, Tuple[Any, Any, Any]]) -> Tuple[Optional[_Member], Optional[torch.nn.Module],
+             datasets: Dict[Any, Tuple[Any, Any, Any]]) -> Tuple[Optional[Member], Optional[torch.nn.Module],
                                                                Optional[T.RunOutcome]]:
     """A member ready to train (with its model), or the outcome of a run that had finished; as
     :meth:`.train.Trainer.start` does for one run."""
@@ -589,10 +590,10 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
         logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
         return None, None, T.RunOutcome(run_dir, done, skipped=True, metrics=T.read_metrics(run_dir))
     config.init.load_plugins()
-    key = _data_key(config)
+    key = data_key(config)
     if key not in datasets:  # members with one seed (and permutation) share their data sets
         train_set, val_set, facts = task.datasets(config, options)
-        datasets[key] = (T._to_device(train_set, device), T._to_device(val_set, device), facts)
+        datasets[key] = (T.to_device(train_set, device), T.to_device(val_set, device), facts)
     facts = datasets[key][2]
     baseline = task.baseline(config)
     derived = {"seq_len": task.seq_len(config), "baseline": baseline,
@@ -609,14 +610,14 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
         # the epoch limit may have been raised since (extend_run); everything else must agree
         stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
         if stored != config.to_dict():
-            diff = "; ".join(differences(T._flat(stored), T._flat(config.to_dict())))
+            diff = "; ".join(differences(T.flat_dict(stored), T.flat_dict(config.to_dict())))
             raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
         model.load_state_dict(ckpt["model"])
         names, _ = _trained(model)
         opt_state = ckpt["optimizer"]["state"]
         square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
         steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
-        member = _Member(config, run_dir, derived, extra_state, ckpt["initial_rnn"],
+        member = Member(config, run_dir, derived, extra_state, ckpt["initial_rnn"],
                          epoch=int(ckpt["epoch"]), position=int(ckpt["batch"]),
                          metrics=list(ckpt["metrics"]), loss_sum=float(ckpt["train_loss_sum"]),
                          loss_count=int(ckpt["train_count"]),
@@ -632,7 +633,7 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
         write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
                                            "arch": T.arch_of(config)})
         initial_rnn = {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
-        member = _Member(config, run_dir, derived, extra_state, initial_rnn)
+        member = Member(config, run_dir, derived, extra_state, initial_rnn)
         member.guard = NonFiniteGuard(max_skipped=n_batches)
     member.metrics_log = MetricsLog(run_dir / METRICS_FILE)
     member.metrics_log.reset(member.metrics)
@@ -685,7 +686,7 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     device = resolve_device(options.device)
     datasets: Dict[Any, Tuple[Any, Any, Any]] = {}
     outcomes: Dict[int, T.RunOutcome] = {}
-    groups: Dict[Tuple[int, int], List[Tuple[int, _Member, torch.nn.Module]]] = {}
+    groups: Dict[Tuple[int, int], List[Tuple[int, Member, torch.nn.Module]]] = {}
     for i, (config, run_dir) in enumerate(zip(configs, run_dirs)):
         member, model, outcome = _prepare(config, run_dir, options, device, datasets)
         if outcome is not None:
@@ -695,7 +696,7 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     for where in sorted(groups):
         group = groups[where]
         index = {id(m): i for i, m, _ in group}
-        ensemble = _Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
+        ensemble = Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
                              device, datasets)
         for k, m in enumerate(ensemble.members):  # new runs: the initial state, as train() saves
             if not (m.run_dir / CHECKPOINT_FILE).exists():
@@ -707,10 +708,10 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     return [outcomes[i] for i in range(len(configs))]
 
 
-def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, Dict[str, Any]]]:
+def _run(ens: Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[Member, Dict[str, Any]]]:
     """Train the members of ``ens`` to their ends (as :meth:`.train.Trainer.fit` does one run);
     returns (member, result) as each finished."""
-    finished: List[Tuple[_Member, Dict[str, Any]]] = []
+    finished: List[Tuple[Member, Dict[str, Any]]] = []
     n_batches = ens.n_batches
 
     def leave(indices: List[int]) -> None:
@@ -757,7 +758,7 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
     return finished
 
 
-def _end_epoch(ens: _Ensemble, i: int, m: _Member, val: Dict[str, float]) -> bool:
+def _end_epoch(ens: Ensemble, i: int, m: Member, val: Dict[str, float]) -> bool:
     """Record member ``i``'s epoch as :meth:`.train.Trainer.end_epoch`; whether it goes on."""
     row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
            "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
@@ -783,13 +784,13 @@ def _end_epoch(ens: _Ensemble, i: int, m: _Member, val: Dict[str, float]) -> boo
     return False
 
 
-def _diverge(m: _Member, exc: Diverged) -> None:
+def _diverge(m: Member, exc: Diverged) -> None:
     m.status = "diverged"
     m.message = f"{exc}; the run stopped (lr {m.config.lr:g} or the init gain too high?)"
     logger.warning("%s: %s", m.run_dir, m.message)
 
 
-def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
+def _train_batch(ens: Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
                  leave: Callable[[List[int]], None]) -> None:
     """One optimizer step of every member, with the single-run trainer's non-finite policy
     (:class:`~awd_nonnormal.runs.NonFiniteGuard`): a non-finite loss ends the member, an
@@ -799,7 +800,7 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
     epoch, position = ens.members[0].where
     orders = {}
     for m in ens.members:
-        key = (_data_key(m.config), m.epoch)
+        key = (data_key(m.config), m.epoch)
         if key not in orders:
             gen = _generator(m.config.seed, f"shuffle/{m.epoch}")
             orders[key] = torch.randperm(ens.n_train, generator=gen)
@@ -829,5 +830,5 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
         on_batch(epoch, position, reported)
 
 
-def _batch_len(ens: _Ensemble, position: int) -> int:
+def _batch_len(ens: Ensemble, position: int) -> int:
     return min(ens.batch_size, ens.n_train - position * ens.batch_size)

@@ -59,7 +59,7 @@ from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, ME
                     remove_stale_temporaries, write_json)
 from ..utils import resolve_device
 from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTION, TASKS,
-                     RunConflict, RunOptions, Task, TaskConfig, TaskDataError, TaskError, _positive_int,
+                     RunConflict, RunOptions, Task, TaskConfig, TaskDataError, TaskError, positive_int,
                      config_from_dict, get_task, make_config)
 from .data import derive_seed
 from .data import generator as _generator
@@ -72,7 +72,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -229,7 +229,7 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
     stored = stored_config(run_dir)
     if stored is None:
         raise TaskDataError(f"{run_dir} holds no run (no {CONFIG_FILE})")
-    epochs = _positive_int("epochs", epochs)
+    epochs = positive_int("epochs", epochs)
     if epochs <= stored["epochs"]:
         raise TaskError(f"{run_dir}: the run already has an epoch limit of {stored['epochs']}; "
                         f"extending needs more than that, got {epochs}")
@@ -283,7 +283,7 @@ def check_run_dir(run_dir: Path, config: TaskConfig) -> TaskConfig:
         return config
     config = adopt_unknown_data(stored, config, run_dir)
     if stored != config.to_dict():
-        diff = "; ".join(differences(_flat(stored), _flat(config.to_dict())))
+        diff = "; ".join(differences(flat_dict(stored), flat_dict(config.to_dict())))
         raise RunConflict(f"{run_dir} holds a run with another config ({diff}); choose another "
                           f"output folder, or continue that run with --resume")
     return config
@@ -294,7 +294,7 @@ def run_lock(run_dir: Union[str, Path]) -> RunLock:
     return RunLock(Path(run_dir) / LOCK_FILE, f"the run folder {run_dir}")
 
 
-def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
+def flat_dict(d: Dict[str, Any]) -> Dict[str, Any]:
     """A config dict with the init options as ``init.spec``, ``init.params`` ... (for messages)."""
     out = {k: v for k, v in d.items() if k != "init"}
     out.update({f"init.{k}": v for k, v in d.get("init", {}).items()})
@@ -342,7 +342,8 @@ def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
     return metrics
 
 
-def _to_device(dataset, device: torch.device):
+def to_device(dataset, device: torch.device):
+    """A task data set (a dataclass of tensors) with its tensors on ``device``."""
     if device.type == "cpu":
         return dataset
     moved = {f.name: (getattr(dataset, f.name).to(device) if isinstance(getattr(dataset, f.name), Tensor)
@@ -369,7 +370,7 @@ class Trainer:
         self.device = resolve_device(options.device)
         self.baseline = self.task.baseline(config)
         train_set, val_set, facts = self.task.datasets(config, options)
-        self.train_set, self.val_set = _to_device(train_set, self.device), _to_device(val_set, self.device)
+        self.train_set, self.val_set = to_device(train_set, self.device), to_device(val_set, self.device)
         self.derived = {"seq_len": self.task.seq_len(config), "baseline": self.baseline,
                         "success_below": SUCCESS_FRACTION * self.baseline,
                         "input_size": self.task.input_size, "output_size": self.task.output_size,
@@ -401,7 +402,7 @@ class Trainer:
             # the epoch limit may have been raised since (extend_run); everything else must agree
             stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": self.config.epochs}
             if stored != self.config.to_dict():
-                diff = "; ".join(differences(_flat(stored), _flat(self.config.to_dict())))
+                diff = "; ".join(differences(flat_dict(stored), flat_dict(self.config.to_dict())))
                 raise RunConflict(f"{self.ckpt_path} was saved by another config ({diff})")
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
