@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE, RESULT_FILE,
+from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE,
                     Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
                     remove_stale_temporaries, write_json)
 from ..utils import resolve_device
@@ -532,45 +532,15 @@ class Ensemble:
     def save(self, i: int, result: Optional[Dict[str, Any]] = None) -> None:
         """Member ``i``'s checkpoint, in exactly the single-run trainer's format."""
         m = self.members[i]
-        payload = dict(optimizer=self._optimizer_state(i), epoch=m.epoch, batch=m.position,
-                       best_val=min((r["val_loss"] for r in m.metrics), default=None),
-                       rng=rng_state(), metrics=m.metrics, initial_rnn=m.initial_rnn,
-                       train_loss_sum=m.loss_sum, train_count=m.loss_count,
-                       non_finite=m.guard.state(), epoch_time=m.epoch_time,
-                       elapsed=m.elapsed,
-                       derived={k: v for k, v in m.derived.items() if k != "permutation"},
-                       **m.extra_state)
-        if result is not None:
-            payload["result"] = result
         save_checkpoint(m.run_dir / CHECKPOINT_FILE, kind="task", arch=self.arch,
-                        config=m.config.to_dict(), model=self.model.member_state(i), **payload)
+                        config=m.config.to_dict(), model=self.model.member_state(i),
+                        **T.checkpoint_payload(m, self._optimizer_state(i), result))
 
     def finish(self, i: int) -> Dict[str, Any]:
         """Write member ``i``'s result, as :func:`.train.train` does at the end of a run."""
         m = self.members[i]
-        task = self.task
-        baseline = m.derived["baseline"]
-        final = m.metrics[-1]["val_loss"] if m.metrics and m.status != "diverged" else None
-        result = {
-            "status": m.status,
-            "final_val_loss": final,
-            "min_val_loss": min((r["val_loss"] for r in m.metrics if math.isfinite(r["val_loss"])),
-                                default=None),
-            "baseline": baseline,
-            "success": task.success(final, baseline),
-            "epochs_run": len(m.metrics),
-            "time": sum(r["time"] for r in m.metrics),
-        }
-        if task.classification and task.readout == "last":
-            result["val_acc"] = (m.metrics[-1].get("val_acc")
-                                 if m.metrics and m.status != "diverged" else None)
-        if m.message:
-            result["message"] = m.message
-        if m.status == "diverged":
-            T.keep_last_good(m.run_dir / CHECKPOINT_FILE, result)
-        else:
-            self.save(i, result)
-        write_json(m.run_dir / RESULT_FILE, result)
+        result = T.run_result(self.task, m, m.derived["baseline"])
+        T.write_result(m.run_dir, result, lambda r: self.save(i, r))
         return result
 
 

@@ -72,7 +72,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -427,18 +427,9 @@ class Trainer:
             self.status = "converged"
 
     def save(self, result: Optional[Dict[str, Any]] = None) -> None:
-        payload = dict(optimizer=self.optimizer.state_dict(), epoch=self.epoch, batch=self.position,
-                       best_val=min((m["val_loss"] for m in self.metrics), default=None),
-                       rng=rng_state(), metrics=self.metrics, initial_rnn=self.initial_rnn,
-                       train_loss_sum=self.loss_sum, train_count=self.loss_count,
-                       non_finite=self.guard.state(), epoch_time=self.epoch_time,
-                       elapsed=self.elapsed,
-                       derived={k: v for k, v in self.derived.items() if k != "permutation"},
-                       **self.extra_state)
-        if result is not None:
-            payload["result"] = result
         save_checkpoint(self.ckpt_path, kind="task", arch=self.arch, config=self.config.to_dict(),
-                        model=self.model.state_dict(), **payload)
+                        model=self.model.state_dict(),
+                        **checkpoint_payload(self, self.optimizer.state_dict(), result))
 
     def _diverge(self, message: str) -> None:
         self.status, self.message = "diverged", f"{message} (lr {self.config.lr:g} or the init gain too high?)"
@@ -520,26 +511,8 @@ class Trainer:
 
     def finish(self) -> Dict[str, Any]:
         """Write the result (and the checkpoint holding it); the run is finished."""
-        metrics, status, task = self.metrics, self.status, self.task
-        final = metrics[-1]["val_loss"] if metrics and status != "diverged" else None
-        result = {
-            "status": status,
-            "final_val_loss": final,
-            "min_val_loss": min((m["val_loss"] for m in metrics if math.isfinite(m["val_loss"])), default=None),
-            "baseline": self.baseline,
-            "success": task.success(final, self.baseline),
-            "epochs_run": len(metrics),
-            "time": sum(m["time"] for m in metrics),
-        }
-        if task.classification and task.readout == "last":
-            result["val_acc"] = metrics[-1].get("val_acc") if metrics and status != "diverged" else None
-        if self.message:
-            result["message"] = self.message
-        if status == "diverged":
-            keep_last_good(self.ckpt_path, result)
-        else:
-            self.save(result)
-        write_json(self.run_dir / RESULT_FILE, result)
+        result = run_result(self.task, self, self.baseline)
+        write_result(self.run_dir, result, self.save)
         return result
 
     def fit(self) -> Dict[str, Any]:
@@ -571,6 +544,55 @@ class Trainer:
                                    "last saved state", self.run_dir, self.epoch + 1)
                 raise
         return self.finish()
+
+
+def checkpoint_payload(run, optimizer_state: Dict[str, Any],
+                       result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint entries of a run's state besides its config, arch and model. ``run`` is a
+    :class:`Trainer` or an ensemble member (:class:`.ensemble.Member`): both keep these fields
+    under the same names, so both write the same checkpoint."""
+    payload = dict(optimizer=optimizer_state, epoch=run.epoch, batch=run.position,
+                   best_val=min((m["val_loss"] for m in run.metrics), default=None),
+                   rng=rng_state(), metrics=run.metrics, initial_rnn=run.initial_rnn,
+                   train_loss_sum=run.loss_sum, train_count=run.loss_count,
+                   non_finite=run.guard.state(), epoch_time=run.epoch_time, elapsed=run.elapsed,
+                   derived={k: v for k, v in run.derived.items() if k != "permutation"},
+                   **run.extra_state)
+    if result is not None:
+        payload["result"] = result
+    return payload
+
+
+def run_result(task: Task, run, baseline: float) -> Dict[str, Any]:
+    """The result of a run that ended (``run``: a :class:`Trainer` or an ensemble member, with
+    its ``metrics`` rows, ``status`` and ``message``)."""
+    metrics, status = run.metrics, run.status
+    final = metrics[-1]["val_loss"] if metrics and status != "diverged" else None
+    result = {
+        "status": status,
+        "final_val_loss": final,
+        "min_val_loss": min((m["val_loss"] for m in metrics if math.isfinite(m["val_loss"])), default=None),
+        "baseline": baseline,
+        "success": task.success(final, baseline),
+        "epochs_run": len(metrics),
+        "time": sum(m["time"] for m in metrics),
+    }
+    if task.classification and task.readout == "last":
+        result["val_acc"] = metrics[-1].get("val_acc") if metrics and status != "diverged" else None
+    if run.message:
+        result["message"] = run.message
+    return result
+
+
+def write_result(run_dir: Path, result: Dict[str, Any],
+                 save: Callable[[Dict[str, Any]], None]) -> None:
+    """Finish a run: its checkpoint gets ``result`` (``save(result)``; a diverged run's keeps its
+    last good state, :func:`keep_last_good`), then ``RESULT_FILE`` is written."""
+    if result["status"] == "diverged":
+        keep_last_good(run_dir / CHECKPOINT_FILE, result)
+    else:
+        save(result)
+    write_json(run_dir / RESULT_FILE, result)
 
 
 def keep_last_good(ckpt_path: Path, result: Dict[str, Any]) -> None:
