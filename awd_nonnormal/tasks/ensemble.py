@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE,
+from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE,
                     Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
                     remove_stale_temporaries, write_json)
 from ..utils import resolve_device
@@ -730,34 +730,10 @@ def _run(ens: Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[Member, Dic
 
 def _end_epoch(ens: Ensemble, i: int, m: Member, val: Dict[str, float]) -> bool:
     """Record member ``i``'s epoch as :meth:`.train.Trainer.end_epoch`; whether it goes on."""
-    row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
-           "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
-    if "acc" in val:
-        row["val_acc"] = val["acc"]
-    m.metrics.append(row)
-    m.metrics_log.append(row)
-    logger.info("%s epoch %d/%d: train %.5f, val %.5f", m.run_dir.name, m.epoch + 1,
-                m.config.epochs, row["train_loss"], row["val_loss"])
-    m.epoch, m.position = m.epoch + 1, 0
-    m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
-    try:
-        m.guard.check_loss(val["loss"], "validation loss", f"epoch {m.epoch}",
-                           limit=DIVERGED_FACTOR * m.derived["baseline"])
-    except Diverged as exc:
-        _diverge(m, exc)
-        return False
-    if val["loss"] < m.config.stop_loss:
-        m.status = "converged"
-    if m.status == "completed" and m.epoch < m.config.epochs:
+    if T.close_epoch(m, val, m.derived["baseline"]):
         ens.save(i)
         return True
     return False
-
-
-def _diverge(m: Member, exc: Diverged) -> None:
-    m.status = "diverged"
-    m.message = f"{exc}; the run stopped (lr {m.config.lr:g} or the init gain too high?)"
-    logger.warning("%s: %s", m.run_dir, m.message)
 
 
 def _train_batch(ens: Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
@@ -784,7 +760,7 @@ def _train_batch(ens: Ensemble, on_batch: Optional[BatchHook], account: Callable
             if not m.guard.allow_step(norm, where):
                 skip.append(i)
         except Diverged as exc:
-            _diverge(m, exc)
+            T.diverge(m, f"{exc}; the run stopped")
             diverged.append(i)
     ens.update(skip + diverged)  # the weights move before the positions do
     for i, (m, value) in enumerate(zip(ens.members, losses)):

@@ -72,7 +72,7 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "close_epoch", "diverge", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -431,10 +431,6 @@ class Trainer:
                         model=self.model.state_dict(),
                         **checkpoint_payload(self, self.optimizer.state_dict(), result))
 
-    def _diverge(self, message: str) -> None:
-        self.status, self.message = "diverged", f"{message} (lr {self.config.lr:g} or the init gain too high?)"
-        logger.warning("%s: %s", self.run_dir, self.message)
-
     def train_epoch(self, interrupt: GracefulInterrupt) -> None:
         """Train the rest of the current epoch, batch by batch (stops early when diverged)."""
         config, task = self.config, self.task
@@ -460,7 +456,7 @@ class Trainer:
                     if self.guard.allow_step(float(clipped.norm), where):
                         self.optimizer.step()
                 except Diverged as exc:
-                    self._diverge(f"{exc}; the run stopped")
+                    diverge(self, f"{exc}; the run stopped")
                     return
                 self.loss_sum += value * len(index)
                 self.loss_count += len(index)
@@ -485,28 +481,9 @@ class Trainer:
                        self.config.loss)
         self.epoch_time += seconds
         self.elapsed += seconds
-        row = {"epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.loss_count, 1),
-               "val_loss": val["loss"], "time": self.epoch_time, "elapsed": self.elapsed}
-        if "acc" in val:
-            row["val_acc"] = val["acc"]
-        self.metrics.append(row)
-        self.metrics_log.append(row)
-        logger.info("%s epoch %d/%d: train %.5f, val %.5f (baseline %.5f)%s, %.1f s",
-                    self.run_dir.name, self.epoch + 1, self.config.epochs, row["train_loss"],
-                    row["val_loss"], self.baseline, f", acc {val['acc']:.4f}" if "acc" in val else "",
-                    self.epoch_time)
-        self.epoch, self.position = self.epoch + 1, 0
-        self.loss_sum, self.loss_count, self.epoch_time = 0.0, 0, 0.0
-        try:
-            self.guard.check_loss(val["loss"], "validation loss", f"epoch {self.epoch}",
-                                  limit=DIVERGED_FACTOR * self.baseline)
-        except Diverged as exc:
-            self._diverge(str(exc))
-            return
-        if val["loss"] < self.config.stop_loss:
-            self.status = "converged"
-        self.at_boundary = True
-        if self.status == "completed" and self.epoch < self.config.epochs:
+        goes_on = close_epoch(self, val, self.baseline)
+        self.at_boundary = True  # (a second Ctrl-C inside the save keeps the last checkpoint)
+        if goes_on:
             self.save()
 
     def finish(self) -> Dict[str, Any]:
@@ -544,6 +521,40 @@ class Trainer:
                                    "last saved state", self.run_dir, self.epoch + 1)
                 raise
         return self.finish()
+
+
+def diverge(run, message: str) -> None:
+    """End ``run`` (a :class:`Trainer` or an ensemble member) as diverged, with ``message``."""
+    run.status, run.message = "diverged", f"{message} (lr {run.config.lr:g} or the init gain too high?)"
+    logger.warning("%s: %s", run.run_dir, run.message)
+
+
+def close_epoch(run, val: Dict[str, float], baseline: float) -> bool:
+    """Record the epoch that ``run`` (a :class:`Trainer` or an ensemble member) has just trained
+    and validated (``val``: ``loss``, and ``acc`` where the task has one): its metrics row, the
+    step to the next epoch, and the verdict. Returns whether the run goes on (then the caller
+    saves its checkpoint); a non-finite or absurd validation loss ends it as diverged."""
+    row = {"epoch": run.epoch + 1, "train_loss": run.loss_sum / max(run.loss_count, 1),
+           "val_loss": val["loss"], "time": run.epoch_time, "elapsed": run.elapsed}
+    if "acc" in val:
+        row["val_acc"] = val["acc"]
+    run.metrics.append(row)
+    run.metrics_log.append(row)
+    logger.info("%s epoch %d/%d: train %.5f, val %.5f (baseline %.5f)%s, %.1f s",
+                run.run_dir.name, run.epoch + 1, run.config.epochs, row["train_loss"],
+                row["val_loss"], baseline, f", acc {val['acc']:.4f}" if "acc" in val else "",
+                run.epoch_time)
+    run.epoch, run.position = run.epoch + 1, 0
+    run.loss_sum, run.loss_count, run.epoch_time = 0.0, 0, 0.0
+    try:
+        run.guard.check_loss(val["loss"], "validation loss", f"epoch {run.epoch}",
+                             limit=DIVERGED_FACTOR * baseline)
+    except Diverged as exc:
+        diverge(run, str(exc))
+        return False
+    if val["loss"] < run.config.stop_loss:
+        run.status = "converged"
+    return run.status == "completed" and run.epoch < run.config.epochs
 
 
 def checkpoint_payload(run, optimizer_state: Dict[str, Any],
