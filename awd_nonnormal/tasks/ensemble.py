@@ -38,15 +38,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE,
-                    Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
-                    remove_stale_temporaries, write_json)
+from ..runs import (CHECKPOINT_FILE, METRICS_FILE, Diverged, GracefulInterrupt, MetricsLog,
+                    NonFiniteGuard, remove_stale_temporaries)
 from ..utils import resolve_device
 from . import rules
 from . import train as T
-from .config import config_from_dict
 from .data import generator as _generator
 
 logger = logging.getLogger(__name__)
@@ -564,51 +562,24 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
     if key not in datasets:  # members with one seed (and permutation) share their data sets
         train_set, val_set, facts = task.datasets(config, options)
         datasets[key] = (T.to_device(train_set, device), T.to_device(val_set, device), facts)
-    facts = datasets[key][2]
-    baseline = task.baseline(config)
-    derived = {"seq_len": task.seq_len(config), "baseline": baseline,
-               "success_below": T.SUCCESS_FRACTION * baseline, "input_size": task.input_size,
-               "output_size": task.output_size, "readout": task.readout, **facts}
-    extra_state = {}
-    if "permutation" in facts:
-        extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+    derived, extra_state = T.run_facts(task, config, datasets[key][2])
     model = T.build_model(config)
-    n_batches = math.ceil(config.n_train / config.batch_size)
+    member = Member(config, run_dir, derived, extra_state, {},
+                    metrics_log=MetricsLog(run_dir / METRICS_FILE),
+                    # a full epoch of skipped steps in a row, as the single run
+                    guard=NonFiniteGuard(max_skipped=math.ceil(config.n_train / config.batch_size)))
     ckpt_path = run_dir / CHECKPOINT_FILE
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, kind="task")
-        # the epoch limit may have been raised since (extend_run); everything else must agree
-        stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
-        if stored != config.to_dict():
-            diff = "; ".join(differences(T.flat_dict(stored), T.flat_dict(config.to_dict())))
-            raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
+        ckpt = T.load_run_checkpoint(ckpt_path, config)
         model.load_state_dict(ckpt["model"])
         names, _ = _trained(model)
         opt_state = ckpt["optimizer"]["state"]
-        square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
-        steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
-        member = Member(config, run_dir, derived, extra_state, ckpt["initial_rnn"],
-                         epoch=int(ckpt["epoch"]), position=int(ckpt["batch"]),
-                         metrics=list(ckpt["metrics"]), loss_sum=float(ckpt["train_loss_sum"]),
-                         loss_count=int(ckpt["train_count"]),
-                         epoch_time=float(ckpt["epoch_time"]), elapsed=float(ckpt["elapsed"]),
-                         steps=steps, square_avg=square_avg)
-        member.guard = NonFiniteGuard(max_skipped=n_batches)
-        # schema 1 kept only the streak of overflowing batches
-        member.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
-        member.resumed_from = member.where
-        logger.info("%s: resuming at epoch %d, batch %d", run_dir, member.epoch + 1, member.position)
+        member.square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
+        member.steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
+        T.restore_progress(member, ckpt)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
-                                           "arch": T.arch_of(config)})
-        initial_rnn = {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
-        member = Member(config, run_dir, derived, extra_state, initial_rnn)
-        member.guard = NonFiniteGuard(max_skipped=n_batches)
-    member.metrics_log = MetricsLog(run_dir / METRICS_FILE)
-    member.metrics_log.reset(member.metrics)
-    if member.metrics and member.metrics[-1]["val_loss"] < config.stop_loss:
-        member.status = "converged"
+        member.initial_rnn = T.begin_run(run_dir, config, derived, model)
+    T.open_metrics(member)
     return member, model, None
 
 

@@ -43,7 +43,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +72,8 @@ __all__ = [
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "close_epoch", "diverge", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "close_epoch", "diverge", "run_facts",
+    "load_run_checkpoint", "restore_progress", "begin_run", "open_metrics", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -371,13 +372,7 @@ class Trainer:
         self.baseline = self.task.baseline(config)
         train_set, val_set, facts = self.task.datasets(config, options)
         self.train_set, self.val_set = to_device(train_set, self.device), to_device(val_set, self.device)
-        self.derived = {"seq_len": self.task.seq_len(config), "baseline": self.baseline,
-                        "success_below": SUCCESS_FRACTION * self.baseline,
-                        "input_size": self.task.input_size, "output_size": self.task.output_size,
-                        "readout": self.task.readout, **facts}
-        self.extra_state = {}
-        if "permutation" in facts:
-            self.extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+        self.derived, self.extra_state = run_facts(self.task, config, facts)
         self.model = build_model(config).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # a frozen b_hh is left out
         self.optimizer = torch.optim.RMSprop(self.params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
@@ -398,33 +393,14 @@ class Trainer:
     def start(self) -> None:
         """Restore the checkpoint of the folder, or write the config of a new run."""
         if self.ckpt_path.exists():
-            ckpt = load_checkpoint(self.ckpt_path, kind="task")
-            # the epoch limit may have been raised since (extend_run); everything else must agree
-            stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": self.config.epochs}
-            if stored != self.config.to_dict():
-                diff = "; ".join(differences(flat_dict(stored), flat_dict(self.config.to_dict())))
-                raise RunConflict(f"{self.ckpt_path} was saved by another config ({diff})")
+            ckpt = load_run_checkpoint(self.ckpt_path, self.config)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.initial_rnn = ckpt["initial_rnn"]
-            self.epoch, self.position = int(ckpt["epoch"]), int(ckpt["batch"])
-            self.metrics = list(ckpt["metrics"])
-            self.loss_sum, self.loss_count = float(ckpt["train_loss_sum"]), int(ckpt["train_count"])
-            # schema 1 kept only the streak of overflowing batches
-            self.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
-            self.epoch_time, self.elapsed = float(ckpt["epoch_time"]), float(ckpt["elapsed"])
-            self.resumed_from = (self.epoch, self.position)
-            logger.info("%s: resuming at epoch %d, batch %d", self.run_dir, self.epoch + 1, self.position)
+            restore_progress(self, ckpt)
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / CONFIG_FILE, {"config": self.config.to_dict(),
-                                                    "derived": self.derived, "arch": self.arch})
-            self.initial_rnn = {f"rnn.{k}": v.detach().cpu().clone()
-                                for k, v in self.model.rnn.state_dict().items()}
+            self.initial_rnn = begin_run(self.run_dir, self.config, self.derived, self.model)
             self.save()  # the initial state: the last good one until an epoch ends
-        self.metrics_log.reset(self.metrics)
-        if self.metrics and self.metrics[-1]["val_loss"] < self.config.stop_loss:
-            self.status = "converged"
+        open_metrics(self)
 
     def save(self, result: Optional[Dict[str, Any]] = None) -> None:
         save_checkpoint(self.ckpt_path, kind="task", arch=self.arch, config=self.config.to_dict(),
@@ -521,6 +497,62 @@ class Trainer:
                                    "last saved state", self.run_dir, self.epoch + 1)
                 raise
         return self.finish()
+
+
+def run_facts(task: Task, config: TaskConfig, facts: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A run's derived facts (stored with its config and in its checkpoint) from the ``facts`` of
+    its data sets, and the extra checkpoint entries (psMNIST: the pixel permutation)."""
+    baseline = task.baseline(config)
+    derived = {"seq_len": task.seq_len(config), "baseline": baseline,
+               "success_below": SUCCESS_FRACTION * baseline, "input_size": task.input_size,
+               "output_size": task.output_size, "readout": task.readout, **facts}
+    extra_state = {}
+    if "permutation" in facts:
+        extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+    return derived, extra_state
+
+
+def load_run_checkpoint(ckpt_path: Path, config: TaskConfig) -> Dict[str, Any]:
+    """The checkpoint of the run of ``config``; :class:`RunConflict` if another config saved it
+    (the epoch limit may have been raised since, :func:`extend_run`; everything else must agree)."""
+    ckpt = load_checkpoint(ckpt_path, kind="task")
+    stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
+    if stored != config.to_dict():
+        diff = "; ".join(differences(flat_dict(stored), flat_dict(config.to_dict())))
+        raise RunConflict(f"{ckpt_path} was saved by another config ({diff})")
+    return ckpt
+
+
+def restore_progress(run, ckpt: Mapping[str, Any]) -> None:
+    """Set the progress of ``run`` (a :class:`Trainer` or an ensemble member) from its checkpoint:
+    position, metrics, running loss, non-finite streak, times, initial weights."""
+    run.initial_rnn = ckpt["initial_rnn"]
+    run.epoch, run.position = int(ckpt["epoch"]), int(ckpt["batch"])
+    run.metrics = list(ckpt["metrics"])
+    run.loss_sum, run.loss_count = float(ckpt["train_loss_sum"]), int(ckpt["train_count"])
+    # schema 1 kept only the streak of overflowing batches
+    run.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
+    run.epoch_time, run.elapsed = float(ckpt["epoch_time"]), float(ckpt["elapsed"])
+    run.resumed_from = (run.epoch, run.position)
+    logger.info("%s: resuming at epoch %d, batch %d", run.run_dir, run.epoch + 1, run.position)
+
+
+def begin_run(run_dir: Path, config: TaskConfig, derived: Dict[str, Any],
+              model: nn.Module) -> Dict[str, Tensor]:
+    """Write the config file of a new run; returns its initial recurrent weights (kept in every
+    checkpoint)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
+                                       "arch": arch_of(config)})
+    return {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
+
+
+def open_metrics(run) -> None:
+    """Rewrite the run's metrics file to its rows (a resumed run: its checkpoint's) and mark a run
+    whose last epoch reached the stopping loss as converged."""
+    run.metrics_log.reset(run.metrics)
+    if run.metrics and run.metrics[-1]["val_loss"] < run.config.stop_loss:
+        run.status = "converged"
 
 
 def diverge(run, message: str) -> None:
