@@ -252,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_summary(result)
         return cli.EXIT_INTERRUPTED if result.interrupted else cli.EXIT_OK
 
-    return cli.run_command(PROG, command, interrupted="aborted")
+    return cli.run_command(PROG, command, interrupted="aborted", traceback=args.verbose > 0)
 
 
 if __name__ == "__main__":

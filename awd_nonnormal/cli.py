@@ -93,9 +93,11 @@ def one_line(exc: BaseException) -> str:
 
 def run_command(prog: str, command: Callable[[], int],
                 interrupted: str = "interrupted; the state is saved: run the same command again "
-                                   "to continue") -> int:
+                                   "to continue", *, traceback: bool = False) -> int:
     """Run ``command()`` and return its exit code; a known error prints ``PROG: error: ...`` (one
-    line, no traceback) and returns its code from :data:`EXIT_CODES`."""
+    line; its traceback before it only with ``traceback``, e.g. for ``-v``) and returns its code
+    from :data:`EXIT_CODES`. An unknown error (a bug, a torch error) is raised with its
+    traceback."""
     try:
         return command()
     except KeyboardInterrupt:
@@ -105,6 +107,9 @@ def run_command(prog: str, command: Callable[[], int],
         code = exit_code(exc)
         if code is None:
             raise
+        if traceback:
+            import traceback as tb
+            tb.print_exc(file=sys.stderr)
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return code
 

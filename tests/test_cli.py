@@ -137,6 +137,10 @@ def test_run_command_prints_one_line(capsys):
     assert capsys.readouterr().err == "prog: error: a b\n"
     with pytest.raises(ZeroDivisionError):
         cli.run_command("prog", lambda: 1 / 0)
+    # -v: the traceback of a known error too, then the same line
+    assert cli.run_command("prog", fail, traceback=True) == cli.EXIT_RUN_EXISTS
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RunExistsError" in err and err.endswith("prog: error: a b\n")
 
 
 def test_given_dests_tells_given_defaults_apart():

@@ -296,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = _cmd_sweep if args.command == "sweep" else _cmd_train
     return cli.run_command(PROG, lambda: command(args),
                            interrupted="interrupted; checkpoints are saved; run the same command "
-                                       "again to continue")
+                                       "again to continue", traceback=args.verbose > 0)
 
 
 if __name__ == "__main__":
