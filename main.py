@@ -11,8 +11,8 @@ which is ``--device auto|cpu|cuda``, and ``--model RNN``, which has the defaults
 Examples::
 
     python main.py --data data/penn --model RNN --init chain --init-alpha 0.95 --optimizer adam --lr 1e-3
-    python main.py --resume runs/20240101-120000/model.latest.pt --epochs 100
-    python main.py --finetune runs/20240101-120000/model.pt --epochs 50   # = python finetune.py ...
+    python main.py --resume runs/20240101-120000-4242/model.latest.pt --epochs 100
+    python main.py --finetune runs/20240101-120000-4242/model.pt --epochs 50   # = python finetune.py ...
     torchrun --nproc_per_node 4 main.py --data data/wikitext-103 ...   # DistributedDataParallel
 """
 
@@ -28,11 +28,10 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from awd_nonnormal import cli, distributed
 from awd_nonnormal.finetune import finetune
-from awd_nonnormal.init import available, init_options_from_args
+from awd_nonnormal.init import init_options_from_args
 from awd_nonnormal.lm import OPTIMIZERS, RunResult, TrainConfig, loss_units, run
-from awd_nonnormal.model import ModelConfig, check_init
+from awd_nonnormal.model import ModelConfig
 from awd_nonnormal.rnn import NONLINEARITIES, RNN_TYPES
-from awd_nonnormal.utils import resolve_device
 
 PROG = "main.py"
 logger = logging.getLogger("main")
@@ -249,12 +248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def command() -> int:
         model_cfg, train_cfg = configs_from_args(args)
-        resolve_device(train_cfg.device)
         if args.finetune and args.resume:
             raise ValueError("--finetune starts a new run from a model, --resume continues a run: "
                              "give one of them")
         if args.resume is None and args.finetune is None:  # these load their model
-            check_init(model_cfg)
             if model_cfg.tied and model_cfg.nlayers == 1 and "nhid" in explicit and model_cfg.nhid != model_cfg.emsize:
                 logger.warning("--nhid %d is not used: with tied weights the last layer has --emsize %d "
                                "units, and the model has one layer (pass --no-tied for %d units)",
@@ -264,13 +261,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result = finetune(args.finetune, model_cfg, train_cfg, explicit=explicit)
             else:
                 result = run(model_cfg, train_cfg, resume=args.resume, explicit=explicit, dist=dist)
+            distributed.shutdown(barrier=True)
         finally:
             distributed.shutdown()
         if dist.is_main:
             print_summary(result)
-        return cli.EXIT_OK
+        return cli.EXIT_INTERRUPTED if result.interrupted else cli.EXIT_OK
 
-    return cli.run_command(prog, command, interrupted="aborted")
+    return cli.run_command(prog, command, interrupted="aborted", traceback=args.verbose > 0)
 
 
 if __name__ == "__main__":

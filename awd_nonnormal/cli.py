@@ -26,13 +26,14 @@ import argparse
 import logging
 import re
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Callable, Optional, Sequence, Type
 
 import torch
 
 from .checkpoint import CheckpointError
 from .data import DataError
 from .init import add_init_arguments
+from .lm import LMError
 from .runs import Diverged, ResumeConflict, RunExistsError
 from .utils import DEVICES
 
@@ -55,16 +56,17 @@ EXIT_CODES = {"ok": EXIT_OK, "data/checkpoint error": EXIT_ERROR, "usage error":
 
 
 # Checked in order: the first class that matches gives the code. A ValueError not listed before
-# it is a bad value (usage); commands add their own file errors with register_data_error.
+# it is a bad value (usage); commands add their own file errors with register_data_error. Any
+# other error (a RuntimeError from torch, a bug) is not caught: it keeps its traceback.
 _ERRORS: list = [
     (RunExistsError, EXIT_RUN_EXISTS),
     (Diverged, EXIT_DIVERGED),
     (ResumeConflict, EXIT_USAGE),
     (CheckpointError, EXIT_ERROR),
     (DataError, EXIT_ERROR),
+    (LMError, EXIT_ERROR),
     (OSError, EXIT_ERROR),
     (ValueError, EXIT_USAGE),
-    (RuntimeError, EXIT_ERROR),
 ]
 
 
@@ -91,9 +93,11 @@ def one_line(exc: BaseException) -> str:
 
 def run_command(prog: str, command: Callable[[], int],
                 interrupted: str = "interrupted; the state is saved: run the same command again "
-                                   "to continue") -> int:
+                                   "to continue", *, traceback: bool = False) -> int:
     """Run ``command()`` and return its exit code; a known error prints ``PROG: error: ...`` (one
-    line, no traceback) and returns its code from :data:`EXIT_CODES`."""
+    line; its traceback before it only with ``traceback``, e.g. for ``-v``) and returns its code
+    from :data:`EXIT_CODES`. An unknown error (a bug, a torch error) is raised with its
+    traceback."""
     try:
         return command()
     except KeyboardInterrupt:
@@ -103,6 +107,9 @@ def run_command(prog: str, command: Callable[[], int],
         code = exit_code(exc)
         if code is None:
             raise
+        if traceback:
+            import traceback as tb
+            tb.print_exc(file=sys.stderr)
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return code
 

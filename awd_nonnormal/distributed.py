@@ -132,8 +132,14 @@ def setup(dist: Dist, device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group. ``barrier``: first wait for every rank (the end of a run that
+    went well), so that no rank tears down its connections while a peer still uses them (gloo
+    then aborts the peer: 'terminate called without an active exception'). After a failure the
+    peers may be inside another collective, so the error path leaves without the barrier."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

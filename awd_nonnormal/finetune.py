@@ -25,7 +25,7 @@ from typing import FrozenSet, Tuple
 from .checkpoint import CheckpointError, load_checkpoint, load_initial
 from .data import check_vocab, load_corpus
 from .lm import (LMError, RunExistsError, RunPaths, RunResult, TrainConfig, Trainer, _finish,
-                 _flat_settings, _make_optimizer)
+                 _flat_settings, _make_optimizer, setting_flag)
 from .runs import ResumeConflict, check_resume
 from .model import ModelConfig
 from .utils import resolve_device
@@ -80,7 +80,7 @@ def finetune_configs(ckpt, model_cfg: ModelConfig, train_cfg: TrainConfig, expli
     may_change = {f.name for f in dataclasses.fields(TrainConfig)} | {"init.plugins"}
     try:
         merged = check_resume(_flat_settings(saved_model, saved_train), wanted, may_change,
-                              where=source, flag=lambda name: name, source="the source")
+                              where=source, flag=setting_flag, source="the source")
     except ResumeConflict as exc:
         message = str(exc).split("; only", 1)[0].replace("cannot resume", "cannot finetune", 1)
         raise FinetuneError(f"{message}. A finetune continues the source's model; only training "
@@ -101,10 +101,7 @@ def finetune(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     before anything is written."""
     ckpt = load_checkpoint(source, kind="lm")
     model_cfg, train_cfg = finetune_configs(ckpt, model_cfg, train_cfg, explicit, source)
-    try:
-        device = resolve_device(train_cfg.device)
-    except ValueError as exc:
-        raise LMError(str(exc)) from None
+    device = resolve_device(train_cfg.device)  # a ValueError: a bad --device is a usage error
     paths = RunPaths.from_save(train_cfg.save)
     own = set(_source_files(Path(source)))
     if {p.resolve() for p in (paths.best, paths.latest, paths.metrics, paths.initial)} & own:

@@ -63,6 +63,7 @@ from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
                          save_initial, set_rng_state)
 from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
+from .init import INIT_PARAMS
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
                    RunExistsError, RunLock, check_output_file, check_resume,
@@ -775,6 +776,19 @@ def _flat_settings(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Dict[str, 
     return flat
 
 
+#: Settings (the names of :func:`_flat_settings`) whose flag in ``main.py`` is not
+#: ``--name-with-dashes``.
+_FLAGS = {"rnn_type": "--model", "batch_size": "--batch_size", "progress": "--no-progress",
+          "tied": "--tied/--no-tied", "init.spec": "--init", "init.zero_bias": "--init-zero-bias",
+          "init.plugins": "--init-plugin", "init.params": "/".join(f"--init-{k}" for k in INIT_PARAMS)}
+
+
+def setting_flag(name: str) -> str:
+    """The ``main.py`` flag of a setting, for messages: ``emsize`` -> ``--emsize``,
+    ``rnn_type`` -> ``--model``, ``init.plugins`` -> ``--init-plugin``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig,
                         explicit: FrozenSet[str], where: str = "checkpoint") -> Tuple[ModelConfig, TrainConfig]:
     """The configs of a resumed run: the checkpoint's, with the explicitly given
@@ -794,7 +808,7 @@ def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_c
     wanted = {k: v for k, v in given.items() if k in explicit}
     try:
         merged = check_resume(_flat_settings(saved_model, saved_train), wanted, RESUMABLE_CHANGES,
-                              where=where, flag=lambda name: name, source="the checkpoint")
+                              where=where, flag=setting_flag, source="the checkpoint")
     except ResumeConflict as exc:
         raise ResumeError(f"{exc}. A resumed run keeps the model and optimisation settings of its "
                           f"checkpoint; start a new run (without --resume) to change the "
@@ -847,6 +861,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
     DistributedDataParallel job: it joins the process group, trains its share of the batch
     columns and only rank 0 writes files (see :mod:`awd_nonnormal.distributed`).
     """
+    if resume is None or "save" in explicit:  # outputs are checked before any input is read
+        check_output_file(RunPaths.from_save(train_cfg.save).best, "--save")
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume, kind="lm")
@@ -860,10 +876,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
         model_cfg, train_cfg = merge_resume_config(ckpt, model_cfg, train_cfg, explicit, where=str(resume))
     if ckpt is None:  # a resumed model is loaded, not initialised: it needs no plug-in
         check_init(model_cfg)
-    try:
-        device = resolve_device(train_cfg.device)
-    except ValueError as exc:
-        raise LMError(str(exc)) from None
+    device = resolve_device(train_cfg.device)  # a ValueError: a bad --device is a usage error
     if train_cfg.batch_size < dist.world:
         raise LMError(f"--batch_size {train_cfg.batch_size} is smaller than the {dist.world} "
                       f"processes: every rank needs at least one batch column")
@@ -906,8 +919,10 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
         trainer.restore(ckpt, Path(resume))
         trainer.write_metrics_file()
         del ckpt
-    elif paths.metrics.exists() and dist.is_main:  # --overwrite: a new run starts a new metrics file
-        paths.metrics.unlink()
+    elif dist.is_main:  # --overwrite: no file of the old run is left (its latest state would resume it)
+        for f in sorted(paths.best.parent.iterdir()):
+            if paths.owns(f.name) and f.is_file():
+                f.unlink()
     interrupted, where = trainer.fit()
     st = trainer.state
     seconds = sum(m["train_time_s"] for m in st.metrics)

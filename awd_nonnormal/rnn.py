@@ -138,7 +138,7 @@ def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], onednn: bool) -> Tenso
 # hidden state; the backward pass needs f'(z) and gets it from h = f(z) alone, so the
 # pre-activations never have to be stored. F.elu_ is the C function itself (no Python wrapper).
 
-_ACTIVATIONS_IN_PLACE: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
+ACTIVATIONS_IN_PLACE: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
     "tanh": torch.Tensor.tanh_,
     "relu": torch.Tensor.relu_,
     "elu": F.elu_,
@@ -146,7 +146,7 @@ _ACTIVATIONS_IN_PLACE: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
 }
 
 
-def _derivative_from_output(h: Tensor, nonlinearity: str) -> Optional[Tensor]:
+def derivative_from_output(h: Tensor, nonlinearity: str) -> Optional[Tensor]:
     """f'(z) written in terms of h = f(z), for all steps at once; None for linear (f' = 1)."""
     if nonlinearity == "tanh":
         return torch.addcmul(h.new_ones(()), h, h, value=-1)  # tanh'(z) = 1 - tanh(z)^2
@@ -211,7 +211,7 @@ class _RNNLayerFunction(torch.autograd.Function):
             if bias is not None:
                 table.add_(bias)
             u = table.index_select(0, x.reshape(T * B)).view(T, B, N)
-        activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
+        activate_ = ACTIVATIONS_IN_PLACE[nonlinearity]
         h_prev = h0  # (B, N)
         if _uses_onednn(B, N, N, impl, available):
             # z_t = u_t + W_hh h_{t-1} in one oneDNN call (binary add post-op) with W_hh packed
@@ -261,7 +261,7 @@ class _RNNLayerFunction(torch.autograd.Function):
         #   delta_t = g_t * f'(z_t)
         # The buffer ``delta`` first holds f'(z_t) for all t (one vectorised op) and is
         # overwritten by delta_t step by step (for linear, f' = 1 and delta_t = g_t).
-        fprime = _derivative_from_output(h, ctx.nonlinearity)  # (T, B, N) or None
+        fprime = derivative_from_output(h, ctx.nonlinearity)  # (T, B, N) or None
         if _uses_onednn(B, N, N, impl, available):
             # g_t in one oneDNN call: grad_h[t] + delta_{t+1} W_hh (W_hh^T packed once).
             linear_add = torch.ops.mkldnn._linear_pointwise.binary

@@ -133,13 +133,12 @@ def json_clean(value: Any) -> Any:
 
 
 def write_text(path: PathLike, text: str) -> Path:
-    """Write ``text`` atomically, with the permissions a plain ``open`` would give (the temporary
-    file of an atomic write starts private)."""
+    """Write ``text`` (UTF-8, its line ends as they are) atomically
+    (:func:`~awd_nonnormal.checkpoint.atomic_write`: the file gets the mode of an ordinary new
+    file)."""
     def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
 
     return atomic_write(path, write)
 
@@ -235,7 +234,7 @@ def check_resume(stored: Mapping[str, Any], wanted: Mapping[str, Any],
         else:
             conflicts.append(f"{spell(name)} {value!r} ({source} has {old!r})")
     if conflicts:
-        changeable = f"; only {', '.join(sorted(allowed))} may change" if allowed else ""
+        changeable = f"; only {', '.join(sorted(map(spell, allowed)))} may change" if allowed else ""
         raise ResumeConflict(f"cannot resume {where} with other settings: {', '.join(conflicts)}"
                              f"{changeable}")
     return merged

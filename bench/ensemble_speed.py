@@ -9,7 +9,7 @@ settings) it times training batches (forward, backward, clipping, RMSprop) of
 
 * the single-run trainer's step (``train.build_model``, ``torch.optim.RMSprop`` over the trainable
   parameters, ``rules.clip_gradients_``: what ``train.Trainer`` does per batch), one run;
-* an ensemble of M runs (``ensemble._Ensemble.step`` and ``update``), for each M,
+* an ensemble of M runs (``ensemble.Ensemble.step`` and ``update``), for each M,
 
 in one process, round-robin (one timed batch of each per repeat, after a warm-up), so that load
 from other processes falls on all alike. It prints the median time per batch, the time per batch
@@ -52,7 +52,7 @@ def _datasets(config, device):
         data = D.MnistSet(images, labels, D.pixel_permutation(0))
         return data, data, {}
     train_set, val_set, facts = T.get_task(config.task).datasets(config, T.RunOptions())
-    return T._to_device(train_set, device), T._to_device(val_set, device), facts
+    return T.to_device(train_set, device), T.to_device(val_set, device), facts
 
 
 HIDDEN = {}
@@ -95,12 +95,12 @@ def ensemble_step(shape: str, m: int, device):
     configs = _configs(shape, m)
     datasets = {}
     for c in configs:
-        key = E._data_key(c)
+        key = E.data_key(c)
         if key not in datasets:
             datasets[key] = _datasets(c, device)
-    members = [E._Member(c, Path("."), {}, {}, {}) for c in configs]
-    ens = E._Ensemble(members, [T.build_model(c) for c in configs], T.RunOptions(), device, datasets)
-    orders = {(E._data_key(c), 0): torch.randperm(c.n_train, generator=torch.Generator().manual_seed(0))
+    members = [E.Member(c, Path("."), {}, {}, {}) for c in configs]
+    ens = E.Ensemble(members, [T.build_model(c) for c in configs], T.RunOptions(), device, datasets)
+    orders = {(E.data_key(c), 0): torch.randperm(c.n_train, generator=torch.Generator().manual_seed(0))
               for c in configs}
 
     def step():

@@ -192,7 +192,8 @@ def test_memory_curves_experiment():
 # ---------------------------------------------------------------- profiles that find a chain
 
 def chain_layer(n, alpha=1.0, d=1):
-    """A chain of n units fed at unit 0 (source input 0.9 e_0), as in SPEC's direction invariant."""
+    """A chain of n units fed at unit 0 (source input 0.9 e_0), as in the paper's section 3.1.1
+    (V = 0.9 I), the direction tests/test_init.py pins."""
     return mat(n, chain_, alpha=alpha), 0.9 * torch.eye(n, d, dtype=F64)
 
 

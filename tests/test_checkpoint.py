@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from awd_nonnormal import checkpoint as C
+from awd_nonnormal.runs import write_text
 
 
 def write(path, **extra):
@@ -97,12 +98,14 @@ def test_files_get_the_mode_of_an_ordinary_file(tmp_path, umask):
         ckpt = write(tmp_path / "ckpt.pt")
         other = C.atomic_write(tmp_path / "summary.json", lambda tmp: open(tmp, "w").write("{}"))
         (tmp_path / "plain.txt").write_text("x")
+        text = write_text(tmp_path / "rows.csv", "a,b\r\n1,2\r\n")
     finally:
         os.umask(old)
     expected = 0o666 & ~umask
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
     assert ckpt.stat().st_mode & 0o777 == expected and other.stat().st_mode & 0o777 == expected
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "plain.txt", "summary.json"]
+    assert text.stat().st_mode & 0o777 == expected and text.read_bytes() == b"a,b\r\n1,2\r\n"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "plain.txt", "rows.csv", "summary.json"]
 
 
 def test_files_that_are_no_checkpoint_say_so_without_torch_advice(tmp_path):

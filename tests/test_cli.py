@@ -1,7 +1,6 @@
 """Both training command lines answer the same bad input with the same exit code
 (awd_nonnormal.cli.EXIT_CODES) and one line on stderr, without a traceback."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -90,6 +89,15 @@ def test_both_clis_agree_on_bad_input(case, tmp_path, capsys):
         assert "Traceback" not in captured.err
 
 
+def test_nothing_to_resume_is_a_data_error_in_both(tmp_path, capsys):
+    (tmp_path / "task").mkdir()
+    for fn, argv in ((lm_main.main, _lm(tmp_path, "--resume", str(tmp_path / "none.latest.pt"))),
+                     (tasks_main.main, ["train", "--resume", "--out", str(tmp_path / "task"), "--no-progress"])):
+        assert _exit(fn, argv) == cli.EXIT_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error:" in err[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_a_usage_error_in_both(device, tmp_path, capsys):
@@ -113,6 +121,11 @@ def test_exit_code_table():
     assert cli.exit_code(Diverged("x")) == cli.EXIT_DIVERGED == 4
     assert cli.exit_code(KeyboardInterrupt()) == cli.EXIT_INTERRUPTED == 130
     assert cli.exit_code(ZeroDivisionError()) is None  # a bug is not hidden behind a message
+    from awd_nonnormal.lm import LMError
+    assert cli.exit_code(LMError("x")) == cli.EXIT_ERROR
+    # torch's and internal RuntimeErrors (out of memory, shape bugs) keep their traceback
+    assert cli.exit_code(RuntimeError("CUDA out of memory")) is None
+    assert cli.exit_code(torch.OutOfMemoryError("x")) is None
     assert sorted(cli.EXIT_CODES.values()) == [0, 1, 2, 3, 4, 130]
 
 
@@ -124,6 +137,10 @@ def test_run_command_prints_one_line(capsys):
     assert capsys.readouterr().err == "prog: error: a b\n"
     with pytest.raises(ZeroDivisionError):
         cli.run_command("prog", lambda: 1 / 0)
+    # -v: the traceback of a known error too, then the same line
+    assert cli.run_command("prog", fail, traceback=True) == cli.EXIT_RUN_EXISTS
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RunExistsError" in err and err.endswith("prog: error: a b\n")
 
 
 def test_given_dests_tells_given_defaults_apart():

@@ -33,3 +33,12 @@ def test_bad_arguments_are_clean_errors(tmp_path):
     assert out.returncode == 2 and "spectral radius" in out.stderr and "Traceback" not in out.stderr
     out = run("decoding", "--trials", "0")
     assert out.returncode == 2 and "must be positive" in out.stderr
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = run("memory", "--n", "10", "--out", str(tmp_path / "file" / "m.png"))
+    assert out.returncode == 2, out.stderr  # usage error (awd_nonnormal.cli.EXIT_USAGE)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0] and "Traceback" not in out.stderr
+    assert out.stdout == ""  # refused before the work

@@ -34,7 +34,8 @@ def expected_ramp(n, eps=0.01):
 # ---------------------------------------------------------------- block initializers
 
 def test_chain_runs_from_unit_0_pulse():
-    """SPEC section 2: linear activation, chain(alpha), source input, zero biases; a unit pulse on
+    """The chain of the paper's section 3.1.1 (W_ij = alpha delta_{j,i-1}, V = 0.9 I) runs from
+    unit 0: linear activation, chain(alpha), source input, zero biases; a unit pulse on
     input channel 0 at t = 0: at step k exactly unit k is non-zero and equals 0.9 * alpha**k."""
     n, d, alpha = 8, 3, 1.1
     w = I.chain_(torch.empty(n, n, dtype=torch.float64), alpha=alpha)

@@ -431,8 +431,12 @@ def test_resume_refuses_mismatches(tmp_path, corpus):
     mc, tc = configs(tmp_path, corpus)
     result = run(mc, tc)
     latest = str(result.paths.latest)
-    with pytest.raises(ResumeError, match="nhid 32 .*checkpoint has 16"):
+    # settings are named by their flags; so are those that may change
+    with pytest.raises(ResumeError, match="--nhid 32 .*checkpoint has 16.*only .*--eval-batch-size"):
         run(dataclasses.replace(mc, nhid=32), tc, resume=latest, explicit=frozenset({"nhid"}))
+    with pytest.raises(ResumeError, match="--model 'GRU' .*--batch_size 3 "):
+        run(dataclasses.replace(mc, rnn_type="GRU"), dataclasses.replace(tc, batch_size=3),
+            resume=latest, explicit=frozenset({"rnn_type", "batch_size"}))
     with pytest.raises(ResumeError, match="lr"):
         run(mc, dataclasses.replace(tc, lr=1.0), resume=latest, explicit=frozenset({"lr"}))
     with pytest.raises(ResumeError, match="latest"):
@@ -536,6 +540,36 @@ def test_nan_exits_nonzero_from_main(tmp_path, corpus, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 4 and "epoch 1, batch 2" in err  # diverged (awd_nonnormal.cli.EXIT_DIVERGED)
     assert not save.exists() and not save.with_name("model.latest.pt").exists()
+
+
+def test_overwrite_removes_every_file_of_the_old_run(tmp_path, corpus, monkeypatch):
+    mc, tc = configs(tmp_path, corpus, epochs=1)
+    old = run(mc, tc)
+    folder = old.paths.best.parent
+    (folder / "model.e1.pt").write_bytes(old.paths.best.read_bytes())  # a snapshot of the old run
+    (folder / "other.pt").write_bytes(b"not this run's")
+    assert old.paths.latest.exists() and old.paths.initial.exists()
+
+    class Killed(Exception):
+        pass
+
+    def killed(self):  # the new run dies before it writes anything
+        raise Killed
+
+    monkeypatch.setattr(lm.Trainer, "fit", killed)
+    with pytest.raises(Killed):
+        run(mc, dataclasses.replace(tc, overwrite=True, seed=7))
+    # nothing of the old run is left for --resume NAME.latest.pt to continue by mistake
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["other.pt"]
+
+
+def test_ctrl_c_exits_130_from_main(tmp_path, corpus, monkeypatch, capsys):
+    main = _load_main()
+    fired = interrupt_at(monkeypatch, 1, batch=2)
+    save = tmp_path / "cut" / "model.pt"
+    rc = main.main(_tiny_argv(corpus, save))
+    assert fired and rc == 130  # interrupted (awd_nonnormal.cli.EXIT_INTERRUPTED), as the tasks
+    assert "--resume" in capsys.readouterr().out and save.with_name("model.latest.pt").exists()
 
 
 # ---------------------------------------------------------------------------------- command line

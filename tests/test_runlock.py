@@ -140,8 +140,8 @@ def test_a_sweep_run_locked_by_another_process_is_an_error_of_that_run_only(tmp_
     out = tmp_path / "sw"
     argv = [*SWEEP[:-1], "chain=1.0,1.01", "--out", str(out)]
     holder = _hold(out / "chain" / "alpha1-lr0.001-seed1" / runs.LOCK_FILE)
-    try:
-        assert _exit(tasks_main.main, argv) == cli.EXIT_OK
+    try:  # the other runs go on; the sweep then exits 1 for the run it could not train
+        assert _exit(tasks_main.main, argv) == cli.EXIT_ERROR
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -170,6 +170,8 @@ def _file(tmp_path):
 UNWRITABLE = {
     "main.py --save": (lm_main.main, lambda bad: [*LM, "--data", "no/such/corpus",
                                                   "--save", f"{bad}/model.pt"]),
+    "main.py --resume --save": (lm_main.main, lambda bad: ["--resume", "no/such/model.latest.pt",
+                                                            "--save", f"{bad}/model.pt"]),
     "tasks --out": (tasks_main.main, lambda bad: ["train", *TASK, "--task", "psmnist",
                                                   "--mnist-dir", "no/such/mnist", "--out", bad]),
     "sweep --out": (tasks_main.main, lambda bad: [*SWEEP, "--out", bad]),
@@ -350,7 +352,8 @@ def test_resuming_a_psmnist_run_on_other_data_is_refused(tmp_path, capsys):
     assert _exit(tasks_main.main, [*PSMNIST, "--mnist-dir", str(a), "--out", str(out)]) == 0
     capsys.readouterr()
     argv = ["train", "--resume", "--out", str(out), "--epochs", "2", "--no-progress"]
-    assert _exit(tasks_main.main, [*argv, "--mnist-dir", str(b)]) == cli.EXIT_USAGE
+    # a data error, exit 1, as main.py's refusal to resume a language model on another corpus
+    assert _exit(tasks_main.main, [*argv, "--mnist-dir", str(b)]) == cli.EXIT_ERROR
     assert "other data" in _one_line(capsys)
     assert len(T.read_metrics(out)) == 1 and T.is_finished(out)  # untouched
 

@@ -24,7 +24,7 @@ def test_check_resume_lists_every_conflict():
                      may_change={"epochs"}, where="run x")
     text = str(exc.value)
     assert "--lr 0.002 (run has 0.001)" in text and "--seed 2 (run has 1)" in text
-    assert "run x" in text and "only epochs may change" in text and "\n" not in text
+    assert "run x" in text and "only --epochs may change" in text and "\n" not in text
 
 
 def test_check_resume_setting_missing_from_the_stored_run():

@@ -212,6 +212,21 @@ def test_interrupted_ensemble_resumes_exactly(tmp_path, stop_at):
                                        rtol=1e-4, atol=1e-6)
 
 
+def test_second_ctrl_c_inside_an_update_saves_nothing(tmp_path, monkeypatch):
+    from test_tasks_train import _hard_interrupt_inside
+    configs = [tiny(**m) for m in MEMBERS[:2]]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    n_batches = math.ceil(configs[0].n_train / configs[0].batch_size)
+    kept = {d / T.CHECKPOINT_FILE: None for d in dirs}
+    _hard_interrupt_inside(monkeypatch, E, E.Ensemble, "update", n_batches + 1, kept)
+    with pytest.raises(KeyboardInterrupt):
+        E.train_ensemble(configs, dirs, OPTS)
+    for d in dirs:  # each checkpoint still holds the end of epoch 1
+        assert kept[d / T.CHECKPOINT_FILE] is not None
+        assert (d / T.CHECKPOINT_FILE).read_bytes() == kept[d / T.CHECKPOINT_FILE]
+        assert (_ckpt(d)["epoch"], _ckpt(d)["batch"]) == (1, 0)
+
+
 def test_members_must_share_the_task_settings(tmp_path):
     with pytest.raises(T.TaskError, match="T: 22 vs 23"):
         E.train_ensemble([tiny(), tiny(T=23)], [tmp_path / "a", tmp_path / "b"], OPTS)

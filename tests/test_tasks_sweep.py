@@ -246,6 +246,50 @@ def test_cli_sweep_with_worker_processes(tmp_path, capsys):
                          ["models"]["chain"]["best"]["final_val_loss_mean"])
 
 
+def test_cli_sweep_with_a_failed_run_exits_1_without_a_traceback(tmp_path, capsys, caplog, monkeypatch):
+    from awd_nonnormal.checkpoint import CheckpointError
+    train = T.train
+
+    def broken(config, run_dir, *a, **kw):
+        if config.seed == 2:
+            raise CheckpointError(f"{run_dir}/checkpoint.pt is damaged")
+        return train(config, run_dir, *a, **kw)
+
+    monkeypatch.setattr(T, "train", broken)
+    argv = ["sweep", "--models", "chain", "--lr", "1e-3", "--seeds", "1,2", "--values", "chain=1.0",
+            "--out", str(tmp_path), *TINY_FLAGS]
+    assert cli.main(argv) == 1  # a data/checkpoint error (awd_nonnormal.cli.EXIT_ERROR)
+    assert T.is_finished(tmp_path / "chain" / "alpha1-lr0.001-seed1")
+    failed = [r for r in caplog.records if "failed" in r.getMessage() and "seed2" in r.getMessage()]
+    assert failed and "is damaged" in failed[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records)  # one line, no traceback
+    # an unknown error (a bug) keeps its traceback
+    monkeypatch.setattr(T, "train", lambda *a, **kw: 1 / 0)
+    caplog.clear()
+    assert cli.main(argv) == 1
+    assert any(r.exc_info is not None for r in caplog.records)
+
+
+def test_psmnist_dry_run_needs_no_mnist_files(tmp_path, capsys):
+    argv = ["sweep", "--task", "psmnist", "--models", "chain", "--lr", "1e-3", "--seeds", "1",
+            "--values", "chain=1.0", "--mnist-dir", str(tmp_path / "none"), "--out",
+            str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "1 runs (0 finished)" in out and "getdata.sh mnist" in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_each_written_summary_file_is_reported_once(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    argv = ["sweep", "--models", "chain", "--lr", "1e-3", "--seeds", "1", "--values", "chain=1.0",
+            "--out", str(tmp_path), *TINY_FLAGS]
+    assert cli.main(argv) == 0
+    said = capsys.readouterr().out + caplog.text
+    for name in ("summary.csv", "summary.json", "best_curves.png", "success_counts.png"):
+        assert said.count(f"wrote {tmp_path / name}") == 1, name
+
+
 def _files(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
             if p.is_file()}

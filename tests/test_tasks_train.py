@@ -113,6 +113,47 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at):
     assert full.result["final_val_loss"] == pytest.approx(resumed.result["final_val_loss"], rel=1e-6)
 
 
+def _hard_interrupt_inside(monkeypatch, module, owner, name, at_call, checkpoints):
+    """Make the ``at_call``-th call of ``owner.name`` update the weights and then meet a second
+    Ctrl-C (``GracefulInterrupt.hard``) before it returns; records the checkpoint files' bytes
+    at that moment in ``checkpoints``."""
+    made, calls = [], []
+
+    class Recording(module.GracefulInterrupt):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    original = getattr(owner, name)
+
+    def update(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            checkpoints.update({p: p.read_bytes() for p in checkpoints})
+        out = original(self, *a, **kw)
+        if len(calls) == at_call:
+            made[-1].requested = made[-1].hard = True
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(module, "GracefulInterrupt", Recording)
+    monkeypatch.setattr(owner, name, update)
+
+
+def test_second_ctrl_c_inside_a_step_saves_nothing(tmp_path, monkeypatch):
+    c = tiny(epochs=2)
+    run = tmp_path / "run"
+    n_batches = math.ceil(c.n_train / c.batch_size)
+    kept = {run / T.CHECKPOINT_FILE: None}
+    # the first step of epoch 2: the checkpoint holds the end of epoch 1
+    _hard_interrupt_inside(monkeypatch, T, torch.optim.RMSprop, "step", n_batches + 1, kept)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(c, run, OPTS)
+    assert kept[run / T.CHECKPOINT_FILE] is not None
+    assert (run / T.CHECKPOINT_FILE).read_bytes() == kept[run / T.CHECKPOINT_FILE]
+    assert (_state(run)["epoch"], _state(run)["batch"]) == (1, 0)
+
+
 def test_run_folder_checkpoint_and_finished_run(tmp_path):
     c = tiny(epochs=2)
     run = tmp_path / "run"
@@ -244,6 +285,22 @@ def test_config_defaults_and_errors():
                       (dict(nonlinearity="sigmoid"), "nonlinearity")]:
         with pytest.raises(T.TaskError, match=match):
             T.make_config(**kw)
+
+
+def test_clip_0_is_no_clipping(tmp_path):
+    # as for language models (main.py --clip 0): the same training as --clip-mode none
+    c = tiny(clip=0, epochs=1)
+    assert (c.clip, c.clip_mode) == (0.0, "none")
+    assert T.config_from_dict(c.to_dict()) == c  # a stored run reads back
+    a = T.train(c, tmp_path / "zero", OPTS)
+    b = T.train(tiny(clip_mode="none", epochs=1), tmp_path / "none", OPTS)
+    assert [m["train_loss"] for m in a.metrics] == [m["train_loss"] for m in b.metrics]
+    wa, wb = _state(tmp_path / "zero")["model"], _state(tmp_path / "none")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(T.TaskError, match="--clip 0 means no clipping"):
+        T.make_config(clip=0, clip_mode="global")
+    with pytest.raises(T.TaskError, match="clip must be"):
+        T.make_config(clip=-1)
 
 
 def test_run_name_is_stable_and_distinct():

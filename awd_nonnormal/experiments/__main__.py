@@ -12,9 +12,8 @@ import argparse
 import sys
 import time
 
-import torch
-
-from .. import plots
+from .. import cli, plots
+from ..runs import check_output_file
 from . import DecodingConfig, MemoryConfig, linear_decoding, memory_curves
 
 
@@ -47,9 +46,11 @@ def _decoding(args: argparse.Namespace) -> None:
     print(f"figure: {plots.decoding_figure(rows, args.out)}")
 
 
+PROG = "python -m awd_nonnormal.experiments"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m awd_nonnormal.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("memory", help="Fisher memory curves (Figure 1b-c)")
@@ -77,22 +78,22 @@ def main(argv=None) -> int:
     c.set_defaults(run=_decoding)
 
     for sp in (m, c):
-        sp.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default %(default)s: these small matmuls run fastest on one)")
+        cli.add_threads_argument(sp, help="torch CPU threads (default %(default)s: these small "
+                                          "matmuls run fastest on one; 0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     for name in ("n", "steps", "trials", "heldout_trials", "k_max"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    start = time.time()
-    try:
+
+    def command() -> int:
+        check_output_file(args.out, "--out")  # before the work, not after it
+        cli.set_threads(args.threads)
+        start = time.time()
         args.run(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"({time.time() - start:.1f} s)")
-    return 0
+        print(f"({time.time() - start:.1f} s)")
+        return cli.EXIT_OK
+
+    return cli.run_command(PROG, command, interrupted="interrupted")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,6 @@ from . import train as T
 
 PROG = "python -m awd_nonnormal.tasks"
 SUBCOMMANDS = ("train", "sweep")
-EXIT_USAGE = cli.EXIT_USAGE
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 
 cli.register_data_error(D.IDXError)
 
@@ -62,7 +60,8 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-val", type=int, help="validation sequences/images (default 10000)")
     g.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
     g.add_argument("--batch-size", type=int, help="batch size (default 16)")
-    g.add_argument("--clip", type=float, help="gradient-norm clip (default 10)")
+    g.add_argument("--clip", type=float, help="gradient-norm clip (default 10; 0: no clipping, "
+                   "which is --clip-mode none)")
     g.add_argument("--clip-mode", choices=T.CLIP_MODES,
                    help="'global': scale every gradient by clip / max(norm, clip) with one norm "
                    "over all of them (Keras 2.2 clipnorm, the paper's code; default); 'tensor': "
@@ -198,7 +197,7 @@ def _train_config(args: argparse.Namespace, options: Optional[T.RunOptions] = No
         stack.enter_context(T.run_lock(args.out))
         stored = T.stored_config(args.out)
         if stored is None:
-            raise T.TaskError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
+            raise T.TaskDataError(f"--resume: {args.out} holds no run (no {T.CONFIG_FILE})")
         config = T.adopt_unknown_data(stored, T.identify_data(T.config_from_dict(stored), options),
                                       args.out)
         # a larger --epochs extends the run, finished or not
@@ -248,7 +247,8 @@ def _print_and_write_summary(summary, out: Path) -> None:
     print(S.format_summary(summary))
     written = S.write_summary(summary, out)
     for path in written:
-        print(f"wrote {path}")
+        if path.suffix != ".png":  # awd_nonnormal.plots logs the figures it writes
+            print(f"wrote {path}")
     if not written:
         print(f"summary files in {out} unchanged (summary.csv, summary.json, figures)")
 
@@ -280,19 +280,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.executor == "ray" and not args.dry_run:
         cluster.require_ray()
     options = _options(args, progress=False)
-    if not args.dry_run:
-        check_output_dir(out, "--out")
-    base["data_fingerprint"] = T.get_task(base.get("task", "copy")).fingerprint(
-        T.make_config(**base), options)
-    plan = S.plan_sweep(grid, base, out)
-    if args.dry_run:
-        print(S.format_plan(plan))
+    task = T.get_task(base.get("task", "copy"))
+    if args.dry_run:  # the plan needs no data: without them it cannot tell which runs are done
+        try:
+            base["data_fingerprint"] = task.fingerprint(T.make_config(**base), options)
+        except D.IDXError as exc:
+            print(f"({cli.one_line(exc)}: the plan counts no run as finished)")
+        print(S.format_plan(S.plan_sweep(grid, base, out)))
         return 0
+    check_output_dir(out, "--out")
+    base["data_fingerprint"] = task.fingerprint(T.make_config(**base), options)
+    plan = S.plan_sweep(grid, base, out)
     cli.set_threads(args.threads)
-    S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
-                progress=not args.no_progress, ensemble=ensemble, executor=args.executor,
-                address=args.address, max_retries=args.max_retries)
+    stats = S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
+                        progress=not args.no_progress, ensemble=ensemble, executor=args.executor,
+                        address=args.address, max_retries=args.max_retries)
     _print_and_write_summary(S.summarize(plan, rank_by=args.rank_by), out)
+    if stats["errors"]:
+        print(f"{PROG}: error: {len(stats['errors'])} run(s) failed (see the log above); the same "
+              "command runs them again", file=sys.stderr)
+        return cli.EXIT_ERROR
     return 0
 
 
@@ -303,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = _cmd_sweep if args.command == "sweep" else _cmd_train
     return cli.run_command(PROG, lambda: command(args),
                            interrupted="interrupted; checkpoints are saved; run the same command "
-                                       "again to continue")
+                                       "again to continue", traceback=args.verbose > 0)
 
 
 if __name__ == "__main__":

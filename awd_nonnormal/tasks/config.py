@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import DataError
 from ..init import INIT_PARAMS, InitOptions, check_init
 from ..rnn import NONLINEARITIES
 from ..runs import RunExistsError
@@ -26,9 +27,9 @@ from . import rules
 from .data import generator as _generator
 
 __all__ = [
-    "TaskError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
+    "TaskError", "TaskDataError", "RunConflict", "TaskConfig", "RunOptions", "Task", "CopyTask", "AdditionTask",
     "PsMnistTask", "TASKS", "get_task", "make_config", "config_from_dict", "upgrade_config_dict", "LEGACY_SETTINGS", "CLIP_MODES",
-    "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT",
+    "PERM_SEED_RUN", "MNIST_VALIDATION", "SUCCESS_FRACTION", "DEFAULT_INIT", "positive_int",
 ]
 
 CLIP_MODES = rules.CLIP_MODES
@@ -42,6 +43,12 @@ DEFAULT_INIT = InitOptions(spec="chain", zero_bias=True)
 
 class TaskError(ValueError):
     """A bad task setting (unknown task, invalid value); the message says what is valid."""
+
+
+class TaskDataError(TaskError, DataError):
+    """A run folder or data set that cannot be used as asked (no run to resume, a run made on
+    other data): a data error (exit status 1), as the language model's
+    :class:`~awd_nonnormal.data.DataError`."""
 
 
 #: The run-exists error under its former task-side name.
@@ -129,7 +136,7 @@ class Task:
         """Fill in and check the task's own settings in the config dict ``c`` (``T`` and the
         task-specific ones); settings of other tasks are dropped, so equal runs get equal
         configs. Raises :class:`TaskError`."""
-        c["T"] = _positive_int("T", self.default_T if c.get("T") is None else c["T"])
+        c["T"] = positive_int("T", self.default_T if c.get("T") is None else c["T"])
         c["copy_layout"] = c["perm_seed"] = c["mnist_val"] = c["data_fingerprint"] = None
 
     def fingerprint(self, config: "TaskConfig", options: "RunOptions") -> Optional[str]:
@@ -262,10 +269,18 @@ def get_task(name: Union[str, Task]) -> Task:
 # Building and checking a config
 # --------------------------------------------------------------------------------------------
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1, else a :class:`TaskError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TaskError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _is_zero(value: Any) -> bool:
+    try:
+        return float(value) == 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -332,7 +347,7 @@ def make_config(**kwargs: Any) -> TaskConfig:
     except ValueError as exc:
         raise TaskError(str(exc)) from None
     task.settle(c)
-    c["hidden"] = _positive_int("hidden", task.hidden if c.get("hidden") is None else c["hidden"])
+    c["hidden"] = positive_int("hidden", task.hidden if c.get("hidden") is None else c["hidden"])
     nl = task.nonlinearity if c.get("nonlinearity") is None else c["nonlinearity"]
     if nl not in NONLINEARITIES:
         raise TaskError(f"unknown nonlinearity {nl!r}; valid: {', '.join(NONLINEARITIES)}")
@@ -340,9 +355,14 @@ def make_config(**kwargs: Any) -> TaskConfig:
 
     for name in ("n_train", "n_val", "epochs", "batch_size"):
         if name in c:
-            c[name] = _positive_int(name.replace("_", "-"), c[name])
+            c[name] = positive_int(name.replace("_", "-"), c[name])
+    if "clip" in c and _is_zero(c["clip"]):  # --clip 0: no clipping, as for language models
+        if c.get("clip_mode", "none") != "none":
+            raise TaskError(f"--clip 0 means no clipping, which is --clip-mode none, not "
+                            f"{c['clip_mode']!r}; give a clip > 0 for that mode")
+        c["clip"], c["clip_mode"] = 0.0, "none"
     for name in ("lr", "clip", "opt_eps"):
-        if name in c:
+        if name in c and not (name == "clip" and c["clip"] == 0.0):
             c[name] = _positive_float(name.replace("_", "-"), c[name])
     if "stop_loss" in c:  # 0 never stops early
         c["stop_loss"] = float(c["stop_loss"])

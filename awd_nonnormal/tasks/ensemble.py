@@ -38,21 +38,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint
-from ..rnn import _ACTIVATIONS_IN_PLACE, _derivative_from_output
-from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, METRICS_FILE, RESULT_FILE,
-                    Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, differences,
-                    remove_stale_temporaries, write_json)
+from ..checkpoint import save_checkpoint
+from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
+from ..runs import (CHECKPOINT_FILE, METRICS_FILE, Diverged, GracefulInterrupt, MetricsLog,
+                    NonFiniteGuard, remove_stale_temporaries)
 from ..utils import resolve_device
 from . import rules
 from . import train as T
-from .config import config_from_dict
 from .data import generator as _generator
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EnsembleModel", "ensemble_rnn", "train_ensemble", "PER_MEMBER_FIELDS",
-           "ensemble_key", "auto_members", "check_members_count", "member_bytes"]
+           "ensemble_key", "auto_members", "check_members_count", "member_bytes", "Member",
+           "Ensemble", "data_key"]
 
 #: Config fields in which the members of one ensemble may differ. All other fields (task, length,
 #: width, data sizes, batch size) must agree: they fix the shapes the members share.
@@ -157,7 +156,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             else:
                 h = torch.bmm(x2, w_ih.transpose(1, 2))
             h = h.view(M, T_, B, N)
-            activate_ = _ACTIVATIONS_IN_PLACE[nonlinearity]
+            activate_ = ACTIVATIONS_IN_PLACE[nonlinearity]
             w_hh_t = w_hh.transpose(1, 2).contiguous()  # (M, N, N)
             # Each step is computed in a contiguous (M, B, N) block and then stored: an in-place
             # baddbmm_ on the strided slice falls back to one matmul per member (measured slower).
@@ -188,7 +187,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             d = x.shape[3]
             # delta_t = dL/dz_t, backwards through time (Werbos 1990), per member:
             #   g_t = grad_h[t] + delta_{t+1} W_hh,   delta_t = g_t * f'(z_t)
-            delta = _derivative_from_output(h, ctx.nonlinearity)  # (M, T, B, N) f'(z) from h
+            delta = derivative_from_output(h, ctx.nonlinearity)  # (M, T, B, N) f'(z) from h
             linear = delta is None
             if linear:
                 delta = torch.empty_like(h)
@@ -308,7 +307,7 @@ def _member_view(t: Tensor, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class _Member:
+class Member:
     """One run's bookkeeping: what :func:`.train.train` keeps in its locals and checkpoints."""
     config: T.TaskConfig
     run_dir: Path
@@ -338,21 +337,14 @@ class _Member:
 BatchHook = Callable[[int, int, Dict[str, float]], None]
 
 
-def _loss_kind(config: T.TaskConfig) -> Tuple[str, ...]:
-    """The extra argument of ``Task.loss`` for the config's loss kind (none where configs have no
-    loss setting)."""
-    kind = getattr(config, "loss", None)
-    return () if kind is None else (kind,)
-
-
-def _data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
+def data_key(config: T.TaskConfig) -> Tuple[Any, ...]:
     return (config.seed, config.resolved_perm_seed())
 
 
-class _Ensemble:
+class Ensemble:
     """M members that stand at the same (epoch, batch), trained in lockstep."""
 
-    def __init__(self, members: List[_Member], models: List[torch.nn.Module],
+    def __init__(self, members: List[Member], models: List[torch.nn.Module],
                  options: T.RunOptions, device: torch.device, datasets: Dict[Any, Tuple[Any, Any]]):
         first = members[0].config
         self.task = T.get_task(first.task)
@@ -373,6 +365,8 @@ class _Ensemble:
         for m in members:
             m.square_avg = None
         self._vectors()
+        # False while a batch or an epoch's end is half done: a second Ctrl-C then saves nothing
+        self.at_boundary = True
 
     def _vectors(self) -> None:
         cfg = [m.config for m in self.members]
@@ -383,16 +377,16 @@ class _Ensemble:
 
     # ---- data ---------------------------------------------------------------------------
 
-    def _batch(self, split: int, index_of: Callable[[_Member], Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    def _batch(self, split: int, index_of: Callable[[Member], Tensor]) -> Tuple[Tensor, List[Tensor]]:
         """Inputs (M, T, B, d) of every member (built once per distinct data set and index) and
         the members' targets."""
         cache: Dict[Any, Tuple[Tensor, Tensor]] = {}
         xs, ys = [], []
         for m in self.members:
             index = index_of(m)
-            key = (_data_key(m.config), index.data_ptr(), index.shape[0])
+            key = (data_key(m.config), index.data_ptr(), index.shape[0])
             if key not in cache:
-                dataset = self.datasets[_data_key(m.config)][split]
+                dataset = self.datasets[data_key(m.config)][split]
                 cache[key] = dataset.batch(index.to(self.device), self.device)
             x, y = cache[key]
             xs.append(x)
@@ -402,7 +396,7 @@ class _Ensemble:
     def _losses(self, out: Tensor, ys: List[Tensor]) -> Tensor:
         """Each member's mean loss (M,), by the single-run trainer's own loss function."""
         outs = out.unbind(0)
-        return torch.stack([self.task.loss(o, y, *_loss_kind(m.config))
+        return torch.stack([self.task.loss(o, y, m.config.loss)
                             for o, y, m in zip(outs, ys, self.members)])
 
     # ---- one optimizer step of every member ---------------------------------------------
@@ -411,7 +405,7 @@ class _Ensemble:
         """Forward and backward pass of every member on its next batch, and clipping; returns
         the members' losses and gradient norms. :meth:`update` then applies the step."""
         bs = self.batch_size
-        x, ys = self._batch(0, lambda m: orders[(_data_key(m.config), m.epoch)]
+        x, ys = self._batch(0, lambda m: orders[(data_key(m.config), m.epoch)]
                             [m.position * bs:(m.position + 1) * bs])
         model = self.model
         model.zero_grad()
@@ -480,7 +474,7 @@ class _Ensemble:
         :func:`.train.evaluate`; batches of ``eval_batch_size`` rows over all members (at least
         16 per member)."""
         M = len(self.members)
-        n = len(self.datasets[_data_key(self.members[0].config)][1])
+        n = len(self.datasets[data_key(self.members[0].config)][1])
         per_member = max(1, max(self.options.eval_batch_size, 16 * M) // M)
         total = [0.0] * M
         correct = [0] * M
@@ -536,45 +530,15 @@ class _Ensemble:
     def save(self, i: int, result: Optional[Dict[str, Any]] = None) -> None:
         """Member ``i``'s checkpoint, in exactly the single-run trainer's format."""
         m = self.members[i]
-        payload = dict(optimizer=self._optimizer_state(i), epoch=m.epoch, batch=m.position,
-                       best_val=min((r["val_loss"] for r in m.metrics), default=None),
-                       rng=rng_state(), metrics=m.metrics, initial_rnn=m.initial_rnn,
-                       train_loss_sum=m.loss_sum, train_count=m.loss_count,
-                       non_finite=m.guard.state(), epoch_time=m.epoch_time,
-                       elapsed=m.elapsed,
-                       derived={k: v for k, v in m.derived.items() if k != "permutation"},
-                       **m.extra_state)
-        if result is not None:
-            payload["result"] = result
         save_checkpoint(m.run_dir / CHECKPOINT_FILE, kind="task", arch=self.arch,
-                        config=m.config.to_dict(), model=self.model.member_state(i), **payload)
+                        config=m.config.to_dict(), model=self.model.member_state(i),
+                        **T.checkpoint_payload(m, self._optimizer_state(i), result))
 
     def finish(self, i: int) -> Dict[str, Any]:
         """Write member ``i``'s result, as :func:`.train.train` does at the end of a run."""
         m = self.members[i]
-        task = self.task
-        baseline = m.derived["baseline"]
-        final = m.metrics[-1]["val_loss"] if m.metrics and m.status != "diverged" else None
-        result = {
-            "status": m.status,
-            "final_val_loss": final,
-            "min_val_loss": min((r["val_loss"] for r in m.metrics if math.isfinite(r["val_loss"])),
-                                default=None),
-            "baseline": baseline,
-            "success": task.success(final, baseline),
-            "epochs_run": len(m.metrics),
-            "time": sum(r["time"] for r in m.metrics),
-        }
-        if task.classification and task.readout == "last":
-            result["val_acc"] = (m.metrics[-1].get("val_acc")
-                                 if m.metrics and m.status != "diverged" else None)
-        if m.message:
-            result["message"] = m.message
-        if m.status == "diverged":
-            T.keep_last_good(m.run_dir / CHECKPOINT_FILE, result)
-        else:
-            self.save(i, result)
-        write_json(m.run_dir / RESULT_FILE, result)
+        result = T.run_result(self.task, m, m.derived["baseline"])
+        T.write_result(m.run_dir, result, lambda r: self.save(i, r))
         return result
 
 
@@ -583,7 +547,7 @@ class _Ensemble:
 # --------------------------------------------------------------------------------------------
 
 def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device: torch.device,
-             datasets: Dict[Any, Tuple[Any, Any, Any]]) -> Tuple[Optional[_Member], Optional[torch.nn.Module],
+             datasets: Dict[Any, Tuple[Any, Any, Any]]) -> Tuple[Optional[Member], Optional[torch.nn.Module],
                                                                Optional[T.RunOutcome]]:
     """A member ready to train (with its model), or the outcome of a run that had finished; as
     :meth:`.train.Trainer.start` does for one run."""
@@ -594,55 +558,28 @@ def _prepare(config: T.TaskConfig, run_dir: Path, options: T.RunOptions, device:
         logger.info("%s: finished before (%s); not redone", run_dir, done.get("status"))
         return None, None, T.RunOutcome(run_dir, done, skipped=True, metrics=T.read_metrics(run_dir))
     config.init.load_plugins()
-    key = _data_key(config)
+    key = data_key(config)
     if key not in datasets:  # members with one seed (and permutation) share their data sets
         train_set, val_set, facts = task.datasets(config, options)
-        datasets[key] = (T._to_device(train_set, device), T._to_device(val_set, device), facts)
-    facts = datasets[key][2]
-    baseline = task.baseline(config)
-    derived = {"seq_len": task.seq_len(config), "baseline": baseline,
-               "success_below": T.SUCCESS_FRACTION * baseline, "input_size": task.input_size,
-               "output_size": task.output_size, "readout": task.readout, **facts}
-    extra_state = {}
-    if "permutation" in facts:
-        extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+        datasets[key] = (T.to_device(train_set, device), T.to_device(val_set, device), facts)
+    derived, extra_state = T.run_facts(task, config, datasets[key][2])
     model = T.build_model(config)
-    n_batches = math.ceil(config.n_train / config.batch_size)
+    member = Member(config, run_dir, derived, extra_state, {},
+                    metrics_log=MetricsLog(run_dir / METRICS_FILE),
+                    # a full epoch of skipped steps in a row, as the single run
+                    guard=NonFiniteGuard(max_skipped=math.ceil(config.n_train / config.batch_size)))
     ckpt_path = run_dir / CHECKPOINT_FILE
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, kind="task")
-        # the epoch limit may have been raised since (extend_run); everything else must agree
-        stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
-        if stored != config.to_dict():
-            diff = "; ".join(differences(T._flat(stored), T._flat(config.to_dict())))
-            raise T.RunConflict(f"{ckpt_path} was saved by another config ({diff})")
+        ckpt = T.load_run_checkpoint(ckpt_path, config)
         model.load_state_dict(ckpt["model"])
         names, _ = _trained(model)
         opt_state = ckpt["optimizer"]["state"]
-        square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
-        steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
-        member = _Member(config, run_dir, derived, extra_state, ckpt["initial_rnn"],
-                         epoch=int(ckpt["epoch"]), position=int(ckpt["batch"]),
-                         metrics=list(ckpt["metrics"]), loss_sum=float(ckpt["train_loss_sum"]),
-                         loss_count=int(ckpt["train_count"]),
-                         epoch_time=float(ckpt["epoch_time"]), elapsed=float(ckpt["elapsed"]),
-                         steps=steps, square_avg=square_avg)
-        member.guard = NonFiniteGuard(max_skipped=n_batches)
-        # schema 1 kept only the streak of overflowing batches
-        member.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
-        member.resumed_from = member.where
-        logger.info("%s: resuming at epoch %d, batch %d", run_dir, member.epoch + 1, member.position)
+        member.square_avg = {names[k]: v["square_avg"] for k, v in opt_state.items()}
+        member.steps = int(next(iter(opt_state.values()))["step"]) if opt_state else 0
+        T.restore_progress(member, ckpt)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
-                                           "arch": T.arch_of(config)})
-        initial_rnn = {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
-        member = _Member(config, run_dir, derived, extra_state, initial_rnn)
-        member.guard = NonFiniteGuard(max_skipped=n_batches)
-    member.metrics_log = MetricsLog(run_dir / METRICS_FILE)
-    member.metrics_log.reset(member.metrics)
-    if member.metrics and member.metrics[-1]["val_loss"] < config.stop_loss:
-        member.status = "converged"
+        member.initial_rnn = T.begin_run(run_dir, config, derived, model)
+    T.open_metrics(member)
     return member, model, None
 
 
@@ -690,7 +627,7 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     device = resolve_device(options.device)
     datasets: Dict[Any, Tuple[Any, Any, Any]] = {}
     outcomes: Dict[int, T.RunOutcome] = {}
-    groups: Dict[Tuple[int, int], List[Tuple[int, _Member, torch.nn.Module]]] = {}
+    groups: Dict[Tuple[int, int], List[Tuple[int, Member, torch.nn.Module]]] = {}
     for i, (config, run_dir) in enumerate(zip(configs, run_dirs)):
         member, model, outcome = _prepare(config, run_dir, options, device, datasets)
         if outcome is not None:
@@ -700,7 +637,7 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     for where in sorted(groups):
         group = groups[where]
         index = {id(m): i for i, m, _ in group}
-        ensemble = _Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
+        ensemble = Ensemble([m for _, m, _ in group], [mod for _, _, mod in group], options,
                              device, datasets)
         for k, m in enumerate(ensemble.members):  # new runs: the initial state, as train() saves
             if not (m.run_dir / CHECKPOINT_FILE).exists():
@@ -712,10 +649,10 @@ def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
     return [outcomes[i] for i in range(len(configs))]
 
 
-def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, Dict[str, Any]]]:
+def _run(ens: Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[Member, Dict[str, Any]]]:
     """Train the members of ``ens`` to their ends (as :meth:`.train.Trainer.fit` does one run);
     returns (member, result) as each finished."""
-    finished: List[Tuple[_Member, Dict[str, Any]]] = []
+    finished: List[Tuple[Member, Dict[str, Any]]] = []
     n_batches = ens.n_batches
 
     def leave(indices: List[int]) -> None:
@@ -740,55 +677,37 @@ def _run(ens: _Ensemble, on_batch: Optional[BatchHook]) -> List[Tuple[_Member, D
                 if ens.members[0].position < n_batches:  # (a run saved at an epoch's end: evaluate)
                     _train_batch(ens, on_batch, account, leave)
                 if ens.members and ens.members[0].position >= n_batches:
+                    ens.at_boundary = False
                     t0 = time.perf_counter()
                     vals = ens.evaluate()
                     account(time.perf_counter() - t0)
                     leave([i for i, (m, val) in enumerate(zip(ens.members, vals))
                            if not _end_epoch(ens, i, m, val)])
+                    ens.at_boundary = True
                 if interrupt.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            for i in range(len(ens.members)):
-                ens.save(i)
-            logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
-                           len(ens.members))
+            if ens.at_boundary:
+                for i in range(len(ens.members)):
+                    ens.save(i)
+                logger.warning("ensemble interrupted; %d unfinished run(s) saved their checkpoints",
+                               len(ens.members))
+            else:  # a second Ctrl-C inside an update: the checkpoints keep their last states
+                logger.warning("ensemble aborted in the middle of a batch; each checkpoint keeps "
+                               "its run's last saved state")
             raise
     return finished
 
 
-def _end_epoch(ens: _Ensemble, i: int, m: _Member, val: Dict[str, float]) -> bool:
+def _end_epoch(ens: Ensemble, i: int, m: Member, val: Dict[str, float]) -> bool:
     """Record member ``i``'s epoch as :meth:`.train.Trainer.end_epoch`; whether it goes on."""
-    row = {"epoch": m.epoch + 1, "train_loss": m.loss_sum / max(m.loss_count, 1),
-           "val_loss": val["loss"], "time": m.epoch_time, "elapsed": m.elapsed}
-    if "acc" in val:
-        row["val_acc"] = val["acc"]
-    m.metrics.append(row)
-    m.metrics_log.append(row)
-    logger.info("%s epoch %d/%d: train %.5f, val %.5f", m.run_dir.name, m.epoch + 1,
-                m.config.epochs, row["train_loss"], row["val_loss"])
-    m.epoch, m.position = m.epoch + 1, 0
-    m.loss_sum, m.loss_count, m.epoch_time = 0.0, 0, 0.0
-    try:
-        m.guard.check_loss(val["loss"], "validation loss", f"epoch {m.epoch}",
-                           limit=DIVERGED_FACTOR * m.derived["baseline"])
-    except Diverged as exc:
-        _diverge(m, exc)
-        return False
-    if val["loss"] < m.config.stop_loss:
-        m.status = "converged"
-    if m.status == "completed" and m.epoch < m.config.epochs:
+    if T.close_epoch(m, val, m.derived["baseline"]):
         ens.save(i)
         return True
     return False
 
 
-def _diverge(m: _Member, exc: Diverged) -> None:
-    m.status = "diverged"
-    m.message = f"{exc}; the run stopped (lr {m.config.lr:g} or the init gain too high?)"
-    logger.warning("%s: %s", m.run_dir, m.message)
-
-
-def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
+def _train_batch(ens: Ensemble, on_batch: Optional[BatchHook], account: Callable[[float], None],
                  leave: Callable[[List[int]], None]) -> None:
     """One optimizer step of every member, with the single-run trainer's non-finite policy
     (:class:`~awd_nonnormal.runs.NonFiniteGuard`): a non-finite loss ends the member, an
@@ -798,11 +717,12 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
     epoch, position = ens.members[0].where
     orders = {}
     for m in ens.members:
-        key = (_data_key(m.config), m.epoch)
+        key = (data_key(m.config), m.epoch)
         if key not in orders:
             gen = _generator(m.config.seed, f"shuffle/{m.epoch}")
             orders[key] = torch.randperm(ens.n_train, generator=gen)
     losses, norms = ens.step(orders)
+    ens.at_boundary = False
     skip, diverged = [], []
     for i, (m, value, norm) in enumerate(zip(ens.members, losses, norms)):
         where = f"epoch {m.epoch + 1}, batch {m.position + 1}"
@@ -811,19 +731,21 @@ def _train_batch(ens: _Ensemble, on_batch: Optional[BatchHook], account: Callabl
             if not m.guard.allow_step(norm, where):
                 skip.append(i)
         except Diverged as exc:
-            _diverge(m, exc)
+            T.diverge(m, f"{exc}; the run stopped")
             diverged.append(i)
-            continue
-        m.loss_sum += value * _batch_len(ens, m.position)
-        m.loss_count += _batch_len(ens, m.position)
-        m.position += 1
-    ens.update(skip + diverged)
+    ens.update(skip + diverged)  # the weights move before the positions do
+    for i, (m, value) in enumerate(zip(ens.members, losses)):
+        if i not in diverged:
+            m.loss_sum += value * _batch_len(ens, m.position)
+            m.loss_count += _batch_len(ens, m.position)
+            m.position += 1
     reported = {str(m.run_dir): v for m, v in zip(ens.members, losses)}
     account(time.perf_counter() - t0)
     leave(diverged)
+    ens.at_boundary = True
     if on_batch is not None:
         on_batch(epoch, position, reported)
 
 
-def _batch_len(ens: _Ensemble, position: int) -> int:
+def _batch_len(ens: Ensemble, position: int) -> int:
     return min(ens.batch_size, ens.n_train - position * ens.batch_size)

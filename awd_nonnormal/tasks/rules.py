@@ -1,4 +1,5 @@
-"""The training rules of the paper's Keras 2.2 code, as pure functions (SPEC.md section 4).
+"""The training rules of the paper's Keras 2.2 code for the experiments of its section 3.1.1,
+as pure functions.
 
 * Gradient-norm clipping. Keras 2.2 (``keras.optimizers.Optimizer.get_gradients``, the standalone
   Keras the paper's ``train.py`` imports) computes ONE norm over all gradients,
@@ -87,7 +88,7 @@ def clip_gradients_(grads: Sequence[Tensor], max_norm: float, mode: str = "globa
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"unknown clip mode {mode!r}; valid: {', '.join(CLIP_MODES)}")
-    if not max_norm > 0:
+    if mode != "none" and not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = list(grads)
     with torch.no_grad():

@@ -30,10 +30,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from .. import cli
 from .. import init as initmod
 from ..analysis import mean_sem
 from ..progress import progress_bar
-from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries
+from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries, write_json, write_text
 from ..utils import parse_number
 from . import ensemble as E
 from . import train as T
@@ -510,15 +511,28 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop) -> No
     the main process asks them to stop through ``stop`` (and a run in progress also sees the
     terminal's Ctrl-C through its own handler): the run saves its checkpoint and returns."""
     global _STOP
-    import torch
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_setup(threads, level, plugins)
+
+
+def _worker_setup(threads: int, level: int, plugins: Tuple[str, ...]) -> None:
+    """What every worker (a pool process or a Ray task) does first: threads, logging, plug-ins."""
+    import torch
     if threads > 0:
         torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    cli.setup_logging(quiet_level=level)
     for plugin in plugins:
         initmod.load_plugin(plugin)
+
+
+def _log_failure(exc: Exception, what: str) -> None:
+    """A known error (one with an exit code, :func:`awd_nonnormal.cli.exit_code`) as one line; an
+    unknown one, a bug, with its traceback."""
+    if cli.exit_code(exc) is None:
+        logger.exception("%s failed", what)
+    else:
+        logger.error("%s failed: %s", what, cli.one_line(exc))
 
 
 def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple[str, Optional[Dict[str, Any]], Optional[str]]:
@@ -542,7 +556,7 @@ def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple
         stop.set()
         return run_dir, None, "interrupted"
     except Exception as exc:  # one broken run must not end the sweep
-        logger.exception("run %s failed", run_dir)
+        _log_failure(exc, f"run {run_dir}")
         return run_dir, None, f"{type(exc).__name__}: {exc}"
 
 
@@ -568,7 +582,7 @@ def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
         stop.set()
         return [(d, None, "interrupted") for d in run_dirs]
     except Exception as exc:  # one broken ensemble must not end the sweep
-        logger.exception("ensemble of %d runs from %s failed", len(run_dirs), run_dirs[0])
+        _log_failure(exc, f"ensemble of {len(run_dirs)} runs from {run_dirs[0]}")
         return [(d, None, f"{type(exc).__name__}: {exc}") for d in run_dirs]
 
 
@@ -577,13 +591,7 @@ def _ray_run(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str], options: 
              plugins: Tuple[str, ...]) -> List[Tuple[str, Optional[Dict[str, Any]], Optional[str]]]:
     """One Ray task: the worker set-up of the process pool, then one run (:func:`_run_one`) or
     one ensemble (``grouped``, :func:`_run_group`)."""
-    import torch
-    if threads > 0:
-        torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for plugin in plugins:
-        initmod.load_plugin(plugin)
+    _worker_setup(threads, level, plugins)
     if grouped:
         return _run_group(configs, run_dirs, options)
     return [_run_one(configs[0], run_dirs[0], options)]
@@ -624,12 +632,9 @@ def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: in
                progress: bool, ensemble: Union[int, str], on_run_done: Optional[RunHook],
                executor: str, address: Optional[str], max_retries: int) -> Dict[str, Any]:
     from .. import cluster
-    from ..checkpoint import atomic_write
     plan.out.mkdir(parents=True, exist_ok=True)
-    manifest = {"settings": plan.settings, "grid": plan.grid.to_dict(), "baseline": plan.baseline,
-                "task": plan.task}
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write(plan.out / SWEEP_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_json(plan.out / SWEEP_FILE, {"settings": plan.settings, "grid": plan.grid.to_dict(),
+                                       "baseline": plan.baseline, "task": plan.task})
 
     pending = [r for r in plan.runs if not T.is_finished(r.run_dir)]
     skipped = len(plan.runs) - len(pending)
@@ -834,7 +839,6 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     files there already hold this summary, nothing is rewritten (their dates stay as they were)
     and the list is empty."""
     from .. import plots
-    from ..checkpoint import atomic_write
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -857,13 +861,7 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     if all(_read(path) == text for path, text in texts.items()) and all(f.is_file() for f in figures):
         return []
 
-    def writer(text: str):
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as fh:
-                fh.write(text)
-        return write
-
-    paths = [atomic_write(path, writer(text)) for path, text in texts.items()]
+    paths = [write_text(path, text) for path, text in texts.items()]
     if curves:
         paths.append(plots.task_loss_curves(curves, summary["baseline"], out / "best_curves.png",
                                             title=title))

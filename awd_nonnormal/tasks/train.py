@@ -43,7 +43,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -58,9 +58,8 @@ from ..runs import (CHECKPOINT_FILE, CONFIG_FILE, DIVERGED_FACTOR, LOCK_FILE, ME
                     differences, is_finished, read_json, read_metrics, read_result,
                     remove_stale_temporaries, write_json)
 from ..utils import resolve_device
-from . import data as D
 from .config import (CLIP_MODES, MNIST_VALIDATION, PERM_SEED_RUN, SUCCESS_FRACTION, TASKS,
-                     RunConflict, RunOptions, Task, TaskConfig, TaskError, _positive_int,
+                     RunConflict, RunOptions, Task, TaskConfig, TaskDataError, TaskError, positive_int,
                      config_from_dict, get_task, make_config)
 from .data import derive_seed
 from .data import generator as _generator
@@ -69,11 +68,12 @@ from . import rules
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TaskError", "RunConflict", "Task", "TASKS", "get_task", "TaskConfig", "RunOptions",
+    "TaskError", "TaskDataError", "RunConflict", "Task", "TASKS", "get_task", "TaskConfig", "RunOptions",
     "make_config", "TaskModel", "build_model", "model_batch", "derive_seed", "run_name", "train", "RunOutcome",
     "read_result", "read_metrics", "is_finished", "stored_config", "config_from_dict", "check_init",
     "evaluate", "CLIP_MODES", "PERM_SEED_RUN", "MNIST_VALIDATION", "Trainer",
-    "extend_run", "flat_config", "identify_data", "run_lock", "keep_last_good", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
+    "extend_run", "flat_config", "flat_dict", "to_device", "identify_data", "run_lock", "keep_last_good", "checkpoint_payload", "run_result", "write_result", "close_epoch", "diverge", "run_facts",
+    "load_run_checkpoint", "restore_progress", "begin_run", "open_metrics", "SUCCESS_FRACTION", "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE",
 ]
 
 
@@ -229,8 +229,8 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
     run_dir = Path(run_dir)
     stored = stored_config(run_dir)
     if stored is None:
-        raise TaskError(f"{run_dir} holds no run (no {CONFIG_FILE})")
-    epochs = _positive_int("epochs", epochs)
+        raise TaskDataError(f"{run_dir} holds no run (no {CONFIG_FILE})")
+    epochs = positive_int("epochs", epochs)
     if epochs <= stored["epochs"]:
         raise TaskError(f"{run_dir}: the run already has an epoch limit of {stored['epochs']}; "
                         f"extending needs more than that, got {epochs}")
@@ -251,12 +251,12 @@ def extend_run(run_dir: Union[str, Path], epochs: int) -> TaskConfig:
 def identify_data(config: TaskConfig, options: RunOptions) -> TaskConfig:
     """``config`` with the fingerprint of the data it reads (psMNIST: the IDX files in
     ``options.mnist_dir``; other tasks generate theirs and are returned as they are). A config
-    that records other data than the folder holds is refused (:class:`TaskError`)."""
+    that records other data than the folder holds is refused (:class:`TaskDataError`)."""
     found = get_task(config.task).fingerprint(config, options)
     if found is None or config.data_fingerprint == found:
         return config
     if config.data_fingerprint is not None:
-        raise TaskError(f"the run was made on other data (fingerprint {config.data_fingerprint[:12]}) "
+        raise TaskDataError(f"the run was made on other data (fingerprint {config.data_fingerprint[:12]}) "
                         f"than the files in {options.mnist_dir} (fingerprint {found[:12]}); point "
                         f"--mnist-dir at the run's data, or start another run")
     return dataclasses.replace(config, data_fingerprint=found)
@@ -284,7 +284,7 @@ def check_run_dir(run_dir: Path, config: TaskConfig) -> TaskConfig:
         return config
     config = adopt_unknown_data(stored, config, run_dir)
     if stored != config.to_dict():
-        diff = "; ".join(differences(_flat(stored), _flat(config.to_dict())))
+        diff = "; ".join(differences(flat_dict(stored), flat_dict(config.to_dict())))
         raise RunConflict(f"{run_dir} holds a run with another config ({diff}); choose another "
                           f"output folder, or continue that run with --resume")
     return config
@@ -295,7 +295,7 @@ def run_lock(run_dir: Union[str, Path]) -> RunLock:
     return RunLock(Path(run_dir) / LOCK_FILE, f"the run folder {run_dir}")
 
 
-def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
+def flat_dict(d: Dict[str, Any]) -> Dict[str, Any]:
     """A config dict with the init options as ``init.spec``, ``init.params`` ... (for messages)."""
     out = {k: v for k, v in d.items() if k != "init"}
     out.update({f"init.{k}": v for k, v in d.get("init", {}).items()})
@@ -343,7 +343,8 @@ def evaluate(model: TaskModel, task: Task, dataset, device: torch.device,
     return metrics
 
 
-def _to_device(dataset, device: torch.device):
+def to_device(dataset, device: torch.device):
+    """A task data set (a dataclass of tensors) with its tensors on ``device``."""
     if device.type == "cpu":
         return dataset
     moved = {f.name: (getattr(dataset, f.name).to(device) if isinstance(getattr(dataset, f.name), Tensor)
@@ -370,14 +371,8 @@ class Trainer:
         self.device = resolve_device(options.device)
         self.baseline = self.task.baseline(config)
         train_set, val_set, facts = self.task.datasets(config, options)
-        self.train_set, self.val_set = _to_device(train_set, self.device), _to_device(val_set, self.device)
-        self.derived = {"seq_len": self.task.seq_len(config), "baseline": self.baseline,
-                        "success_below": SUCCESS_FRACTION * self.baseline,
-                        "input_size": self.task.input_size, "output_size": self.task.output_size,
-                        "readout": self.task.readout, **facts}
-        self.extra_state = {}
-        if "permutation" in facts:
-            self.extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+        self.train_set, self.val_set = to_device(train_set, self.device), to_device(val_set, self.device)
+        self.derived, self.extra_state = run_facts(self.task, config, facts)
         self.model = build_model(config).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # a frozen b_hh is left out
         self.optimizer = torch.optim.RMSprop(self.params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
@@ -388,6 +383,7 @@ class Trainer:
         # a full epoch of skipped steps in a row: the weights have stopped moving for good
         self.guard = NonFiniteGuard(max_skipped=self.n_batches)
         self.epoch, self.position = 0, 0
+        self.at_boundary = True  # False while a batch or an epoch's end is half done
         self.metrics: List[Dict[str, Any]] = []
         self.loss_sum, self.loss_count, self.epoch_time, self.elapsed = 0.0, 0, 0.0, 0.0
         self.status, self.message = "completed", ""
@@ -397,51 +393,19 @@ class Trainer:
     def start(self) -> None:
         """Restore the checkpoint of the folder, or write the config of a new run."""
         if self.ckpt_path.exists():
-            ckpt = load_checkpoint(self.ckpt_path, kind="task")
-            # the epoch limit may have been raised since (extend_run); everything else must agree
-            stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": self.config.epochs}
-            if stored != self.config.to_dict():
-                diff = "; ".join(differences(_flat(stored), _flat(self.config.to_dict())))
-                raise RunConflict(f"{self.ckpt_path} was saved by another config ({diff})")
+            ckpt = load_run_checkpoint(self.ckpt_path, self.config)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.initial_rnn = ckpt["initial_rnn"]
-            self.epoch, self.position = int(ckpt["epoch"]), int(ckpt["batch"])
-            self.metrics = list(ckpt["metrics"])
-            self.loss_sum, self.loss_count = float(ckpt["train_loss_sum"]), int(ckpt["train_count"])
-            # schema 1 kept only the streak of overflowing batches
-            self.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
-            self.epoch_time, self.elapsed = float(ckpt["epoch_time"]), float(ckpt["elapsed"])
-            self.resumed_from = (self.epoch, self.position)
-            logger.info("%s: resuming at epoch %d, batch %d", self.run_dir, self.epoch + 1, self.position)
+            restore_progress(self, ckpt)
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / CONFIG_FILE, {"config": self.config.to_dict(),
-                                                    "derived": self.derived, "arch": self.arch})
-            self.initial_rnn = {f"rnn.{k}": v.detach().cpu().clone()
-                                for k, v in self.model.rnn.state_dict().items()}
+            self.initial_rnn = begin_run(self.run_dir, self.config, self.derived, self.model)
             self.save()  # the initial state: the last good one until an epoch ends
-        self.metrics_log.reset(self.metrics)
-        if self.metrics and self.metrics[-1]["val_loss"] < self.config.stop_loss:
-            self.status = "converged"
+        open_metrics(self)
 
     def save(self, result: Optional[Dict[str, Any]] = None) -> None:
-        payload = dict(optimizer=self.optimizer.state_dict(), epoch=self.epoch, batch=self.position,
-                       best_val=min((m["val_loss"] for m in self.metrics), default=None),
-                       rng=rng_state(), metrics=self.metrics, initial_rnn=self.initial_rnn,
-                       train_loss_sum=self.loss_sum, train_count=self.loss_count,
-                       non_finite=self.guard.state(), epoch_time=self.epoch_time,
-                       elapsed=self.elapsed,
-                       derived={k: v for k, v in self.derived.items() if k != "permutation"},
-                       **self.extra_state)
-        if result is not None:
-            payload["result"] = result
         save_checkpoint(self.ckpt_path, kind="task", arch=self.arch, config=self.config.to_dict(),
-                        model=self.model.state_dict(), **payload)
-
-    def _diverge(self, message: str) -> None:
-        self.status, self.message = "diverged", f"{message} (lr {self.config.lr:g} or the init gain too high?)"
-        logger.warning("%s: %s", self.run_dir, self.message)
+                        model=self.model.state_dict(),
+                        **checkpoint_payload(self, self.optimizer.state_dict(), result))
 
     def train_epoch(self, interrupt: GracefulInterrupt) -> None:
         """Train the rest of the current epoch, batch by batch (stops early when diverged)."""
@@ -453,6 +417,7 @@ class Trainer:
             while self.position < self.n_batches:
                 index = order[self.position * config.batch_size:(self.position + 1) * config.batch_size]
                 x, y = model_batch(self.train_set, index, self.device)
+                self.at_boundary = False
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = task.loss(self.model(x), y, config.loss)
                 value = loss.item()
@@ -467,11 +432,12 @@ class Trainer:
                     if self.guard.allow_step(float(clipped.norm), where):
                         self.optimizer.step()
                 except Diverged as exc:
-                    self._diverge(f"{exc}; the run stopped")
+                    diverge(self, f"{exc}; the run stopped")
                     return
                 self.loss_sum += value * len(index)
                 self.loss_count += len(index)
                 self.position += 1
+                self.at_boundary = True
                 if bar is not None:
                     bar.update(1)
                     if self.position % 50 == 0:
@@ -486,55 +452,20 @@ class Trainer:
 
     def end_epoch(self, seconds: float) -> None:
         """Validate, record the epoch's metrics row, and decide whether the run goes on."""
+        self.at_boundary = False
         val = evaluate(self.model, self.task, self.val_set, self.device, self.options.eval_batch_size,
                        self.config.loss)
         self.epoch_time += seconds
         self.elapsed += seconds
-        row = {"epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.loss_count, 1),
-               "val_loss": val["loss"], "time": self.epoch_time, "elapsed": self.elapsed}
-        if "acc" in val:
-            row["val_acc"] = val["acc"]
-        self.metrics.append(row)
-        self.metrics_log.append(row)
-        logger.info("%s epoch %d/%d: train %.5f, val %.5f (baseline %.5f)%s, %.1f s",
-                    self.run_dir.name, self.epoch + 1, self.config.epochs, row["train_loss"],
-                    row["val_loss"], self.baseline, f", acc {val['acc']:.4f}" if "acc" in val else "",
-                    self.epoch_time)
-        self.epoch, self.position = self.epoch + 1, 0
-        self.loss_sum, self.loss_count, self.epoch_time = 0.0, 0, 0.0
-        try:
-            self.guard.check_loss(val["loss"], "validation loss", f"epoch {self.epoch}",
-                                  limit=DIVERGED_FACTOR * self.baseline)
-        except Diverged as exc:
-            self._diverge(str(exc))
-            return
-        if val["loss"] < self.config.stop_loss:
-            self.status = "converged"
-        if self.status == "completed" and self.epoch < self.config.epochs:
+        goes_on = close_epoch(self, val, self.baseline)
+        self.at_boundary = True  # (a second Ctrl-C inside the save keeps the last checkpoint)
+        if goes_on:
             self.save()
 
     def finish(self) -> Dict[str, Any]:
         """Write the result (and the checkpoint holding it); the run is finished."""
-        metrics, status, task = self.metrics, self.status, self.task
-        final = metrics[-1]["val_loss"] if metrics and status != "diverged" else None
-        result = {
-            "status": status,
-            "final_val_loss": final,
-            "min_val_loss": min((m["val_loss"] for m in metrics if math.isfinite(m["val_loss"])), default=None),
-            "baseline": self.baseline,
-            "success": task.success(final, self.baseline),
-            "epochs_run": len(metrics),
-            "time": sum(m["time"] for m in metrics),
-        }
-        if task.classification and task.readout == "last":
-            result["val_acc"] = metrics[-1].get("val_acc") if metrics and status != "diverged" else None
-        if self.message:
-            result["message"] = self.message
-        if status == "diverged":
-            keep_last_good(self.ckpt_path, result)
-        else:
-            self.save(result)
-        write_json(self.run_dir / RESULT_FILE, result)
+        result = run_result(self.task, self, self.baseline)
+        write_result(self.run_dir, result, self.save)
         return result
 
     def fit(self) -> Dict[str, Any]:
@@ -557,11 +488,154 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.epoch_time += dt
                 self.elapsed += dt
-                self.save()
-                logger.warning("%s: interrupted at epoch %d, batch %d; checkpoint saved", self.run_dir,
-                               self.epoch + 1, self.position)
+                if self.at_boundary:
+                    self.save()
+                    logger.warning("%s: interrupted at epoch %d, batch %d; checkpoint saved", self.run_dir,
+                                   self.epoch + 1, self.position)
+                else:  # a second Ctrl-C inside a batch: the weights may be half updated
+                    logger.warning("%s: aborted in the middle of epoch %d; the checkpoint keeps the "
+                                   "last saved state", self.run_dir, self.epoch + 1)
                 raise
         return self.finish()
+
+
+def run_facts(task: Task, config: TaskConfig, facts: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A run's derived facts (stored with its config and in its checkpoint) from the ``facts`` of
+    its data sets, and the extra checkpoint entries (psMNIST: the pixel permutation)."""
+    baseline = task.baseline(config)
+    derived = {"seq_len": task.seq_len(config), "baseline": baseline,
+               "success_below": SUCCESS_FRACTION * baseline, "input_size": task.input_size,
+               "output_size": task.output_size, "readout": task.readout, **facts}
+    extra_state = {}
+    if "permutation" in facts:
+        extra_state["permutation"] = torch.tensor(facts["permutation"], dtype=torch.int64)
+    return derived, extra_state
+
+
+def load_run_checkpoint(ckpt_path: Path, config: TaskConfig) -> Dict[str, Any]:
+    """The checkpoint of the run of ``config``; :class:`RunConflict` if another config saved it
+    (the epoch limit may have been raised since, :func:`extend_run`; everything else must agree)."""
+    ckpt = load_checkpoint(ckpt_path, kind="task")
+    stored = {**config_from_dict(ckpt["config"]).to_dict(), "epochs": config.epochs}
+    if stored != config.to_dict():
+        diff = "; ".join(differences(flat_dict(stored), flat_dict(config.to_dict())))
+        raise RunConflict(f"{ckpt_path} was saved by another config ({diff})")
+    return ckpt
+
+
+def restore_progress(run, ckpt: Mapping[str, Any]) -> None:
+    """Set the progress of ``run`` (a :class:`Trainer` or an ensemble member) from its checkpoint:
+    position, metrics, running loss, non-finite streak, times, initial weights."""
+    run.initial_rnn = ckpt["initial_rnn"]
+    run.epoch, run.position = int(ckpt["epoch"]), int(ckpt["batch"])
+    run.metrics = list(ckpt["metrics"])
+    run.loss_sum, run.loss_count = float(ckpt["train_loss_sum"]), int(ckpt["train_count"])
+    # schema 1 kept only the streak of overflowing batches
+    run.guard.load(ckpt.get("non_finite") or {"streak": ckpt.get("overflow_streak", 0)})
+    run.epoch_time, run.elapsed = float(ckpt["epoch_time"]), float(ckpt["elapsed"])
+    run.resumed_from = (run.epoch, run.position)
+    logger.info("%s: resuming at epoch %d, batch %d", run.run_dir, run.epoch + 1, run.position)
+
+
+def begin_run(run_dir: Path, config: TaskConfig, derived: Dict[str, Any],
+              model: nn.Module) -> Dict[str, Tensor]:
+    """Write the config file of a new run; returns its initial recurrent weights (kept in every
+    checkpoint)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "derived": derived,
+                                       "arch": arch_of(config)})
+    return {f"rnn.{k}": v.detach().cpu().clone() for k, v in model.rnn.state_dict().items()}
+
+
+def open_metrics(run) -> None:
+    """Rewrite the run's metrics file to its rows (a resumed run: its checkpoint's) and mark a run
+    whose last epoch reached the stopping loss as converged."""
+    run.metrics_log.reset(run.metrics)
+    if run.metrics and run.metrics[-1]["val_loss"] < run.config.stop_loss:
+        run.status = "converged"
+
+
+def diverge(run, message: str) -> None:
+    """End ``run`` (a :class:`Trainer` or an ensemble member) as diverged, with ``message``."""
+    run.status, run.message = "diverged", f"{message} (lr {run.config.lr:g} or the init gain too high?)"
+    logger.warning("%s: %s", run.run_dir, run.message)
+
+
+def close_epoch(run, val: Dict[str, float], baseline: float) -> bool:
+    """Record the epoch that ``run`` (a :class:`Trainer` or an ensemble member) has just trained
+    and validated (``val``: ``loss``, and ``acc`` where the task has one): its metrics row, the
+    step to the next epoch, and the verdict. Returns whether the run goes on (then the caller
+    saves its checkpoint); a non-finite or absurd validation loss ends it as diverged."""
+    row = {"epoch": run.epoch + 1, "train_loss": run.loss_sum / max(run.loss_count, 1),
+           "val_loss": val["loss"], "time": run.epoch_time, "elapsed": run.elapsed}
+    if "acc" in val:
+        row["val_acc"] = val["acc"]
+    run.metrics.append(row)
+    run.metrics_log.append(row)
+    logger.info("%s epoch %d/%d: train %.5f, val %.5f (baseline %.5f)%s, %.1f s",
+                run.run_dir.name, run.epoch + 1, run.config.epochs, row["train_loss"],
+                row["val_loss"], baseline, f", acc {val['acc']:.4f}" if "acc" in val else "",
+                run.epoch_time)
+    run.epoch, run.position = run.epoch + 1, 0
+    run.loss_sum, run.loss_count, run.epoch_time = 0.0, 0, 0.0
+    try:
+        run.guard.check_loss(val["loss"], "validation loss", f"epoch {run.epoch}",
+                             limit=DIVERGED_FACTOR * baseline)
+    except Diverged as exc:
+        diverge(run, str(exc))
+        return False
+    if val["loss"] < run.config.stop_loss:
+        run.status = "converged"
+    return run.status == "completed" and run.epoch < run.config.epochs
+
+
+def checkpoint_payload(run, optimizer_state: Dict[str, Any],
+                       result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint entries of a run's state besides its config, arch and model. ``run`` is a
+    :class:`Trainer` or an ensemble member (:class:`.ensemble.Member`): both keep these fields
+    under the same names, so both write the same checkpoint."""
+    payload = dict(optimizer=optimizer_state, epoch=run.epoch, batch=run.position,
+                   best_val=min((m["val_loss"] for m in run.metrics), default=None),
+                   rng=rng_state(), metrics=run.metrics, initial_rnn=run.initial_rnn,
+                   train_loss_sum=run.loss_sum, train_count=run.loss_count,
+                   non_finite=run.guard.state(), epoch_time=run.epoch_time, elapsed=run.elapsed,
+                   derived={k: v for k, v in run.derived.items() if k != "permutation"},
+                   **run.extra_state)
+    if result is not None:
+        payload["result"] = result
+    return payload
+
+
+def run_result(task: Task, run, baseline: float) -> Dict[str, Any]:
+    """The result of a run that ended (``run``: a :class:`Trainer` or an ensemble member, with
+    its ``metrics`` rows, ``status`` and ``message``)."""
+    metrics, status = run.metrics, run.status
+    final = metrics[-1]["val_loss"] if metrics and status != "diverged" else None
+    result = {
+        "status": status,
+        "final_val_loss": final,
+        "min_val_loss": min((m["val_loss"] for m in metrics if math.isfinite(m["val_loss"])), default=None),
+        "baseline": baseline,
+        "success": task.success(final, baseline),
+        "epochs_run": len(metrics),
+        "time": sum(m["time"] for m in metrics),
+    }
+    if task.classification and task.readout == "last":
+        result["val_acc"] = metrics[-1].get("val_acc") if metrics and status != "diverged" else None
+    if run.message:
+        result["message"] = run.message
+    return result
+
+
+def write_result(run_dir: Path, result: Dict[str, Any],
+                 save: Callable[[Dict[str, Any]], None]) -> None:
+    """Finish a run: its checkpoint gets ``result`` (``save(result)``; a diverged run's keeps its
+    last good state, :func:`keep_last_good`), then ``RESULT_FILE`` is written."""
+    if result["status"] == "diverged":
+        keep_last_good(run_dir / CHECKPOINT_FILE, result)
+    else:
+        save(result)
+    write_json(run_dir / RESULT_FILE, result)
 
 
 def keep_last_good(ckpt_path: Path, result: Dict[str, Any]) -> None:
