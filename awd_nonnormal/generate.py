@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from .data import EOS, Dictionary
 from .model import RNNModel

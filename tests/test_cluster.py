@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from awd_nonnormal import cluster
 from awd_nonnormal.tasks import sweep as S
 from awd_nonnormal.tasks import train as T
 from awd_nonnormal.tasks.__main__ import main as tasks_main

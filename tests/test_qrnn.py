@@ -2,7 +2,6 @@
 carried between calls, zoneout, the initializers it accepts and refuses, the language model with
 ``--model QRNN`` and a one-epoch main.py run."""
 
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -89,8 +89,8 @@ def render(budget: Budget, sections: Sequence[Section], *, command: str, invocat
            device: str, finished: bool) -> str:
     done = {s.key: s for s in sections}
     lines = [f"# Reproduction report: budget `{budget.name}`", "",
-             f"Orhan & Pitkow (ICLR 2020), \"Improved memory in recurrent neural networks with sequential "
-             f"non-normal dynamics\": the paper's numbers and claims beside ours.", "",
+             "Orhan & Pitkow (ICLR 2020), \"Improved memory in recurrent neural networks with sequential "
+             "non-normal dynamics\": the paper's numbers and claims beside ours.", "",
              f"- command: `{command}`",
              f"- {format_times(invocations)}" + ("" if finished else " (so far: the report is unfinished)"),
              f"- machine: {machine_name()}; device {device}; torch {torch.__version__}; {code_version()}",
