@@ -369,7 +369,12 @@ def task_step(repeats: int, warmup: int, rounds: int, against: str = "") -> list
     code at that git revision: one {name: seconds} per round."""
     steps = {"this code": _task_step_of("awd_nonnormal", "this code"), "stock": _stock_step()}
     if against:
-        steps[against] = _task_step_of(_package_at(against), against)
+        try:
+            steps[against] = _task_step_of(_package_at(against), against)
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"rnn_speed.py: error: --against {against}: that revision lacks a module "
+                             f"this comparison needs ({exc.name}); use a revision with "
+                             f"awd_nonnormal/tasks/rules.py (the training-rules change or later)") from None
     return [time_round_robin(steps, repeats, warmup, torch.device("cpu")) for _ in range(rounds)]
 
 
