@@ -23,6 +23,7 @@ from awd_nonnormal.checkpoint import load_checkpoint
 from awd_nonnormal.posthoc import discover
 from awd_nonnormal.tasks import __main__ as tasks_main
 from awd_nonnormal.tasks import data as D
+from awd_nonnormal.tasks import sweep as S
 from awd_nonnormal.tasks import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,20 +359,68 @@ def test_resuming_a_psmnist_run_on_other_data_is_refused(tmp_path, capsys):
     assert len(T.read_metrics(out)) == 1 and T.is_finished(out)  # untouched
 
 
-def test_a_psmnist_sweep_on_other_data_is_never_reported_as_done(tmp_path, capsys):
+def test_a_psmnist_sweep_on_other_data_trains_again_beside_the_first(tmp_path, capsys):
     sets = {k: _write_mnist(tmp_path / k, seed) for k, seed in (("a", 1), ("b", 2))}
+    prints = {k: D.mnist_fingerprint(v) for k, v in sets.items()}
+    assert prints["a"][:8] != prints["b"][:8]
+    out = tmp_path / "s"
     sweep = ["sweep", *PSMNIST[1:], "--models", "chain", "--lr", "1e-3", "--seeds", "1",
-             "--values", "chain=1.0"]
-    assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets["a"]), "--out", str(tmp_path / "s")]) == 0
+             "--values", "chain=1.0", "--out", str(out)]
+    for k in ("a", "b"):
+        assert _exit(tasks_main.main, [*sweep, "--dry-run", "--mnist-dir", str(sets[k])]) == cli.EXIT_OK
+        assert "(0 finished)" in capsys.readouterr().out  # the other data's run is not this one's
+        assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets[k])]) == cli.EXIT_OK
+        capsys.readouterr()
+        summary = json.loads((out / "summary.json").read_text())
+        (row,) = summary["models"]["chain"]["configs"]
+        assert row["seeds_finished"] == 1 and len(row["run_dirs"]) == 1
+        # the summary and sweep.json describe this data set only
+        assert row["run_dirs"][0].endswith(f"-data{prints[k][:8]}")
+        assert json.loads((out / S.SWEEP_FILE).read_text())["settings"]["data_fingerprint"] == prints[k]
+    # both data sets' runs are there, each with its own data in its config
+    runs_by_data = {T.stored_config(r)["data_fingerprint"]: r for r in (out / "chain").iterdir()}
+    assert set(runs_by_data) == set(prints.values())
+    for k, fp in prints.items():
+        assert runs_by_data[fp].name == f"alpha1-lr0.001-seed1-data{fp[:8]}"
+        assert T.is_finished(runs_by_data[fp]) and len(T.read_metrics(runs_by_data[fp])) == 1
+    # the first data again: its run is finished, nothing trains
+    before = {fp: T.read_metrics(r) for fp, r in runs_by_data.items()}
+    assert _exit(tasks_main.main, [*sweep, "--dry-run", "--mnist-dir", str(sets["a"])]) == cli.EXIT_OK
+    assert "(1 finished)" in capsys.readouterr().out
+    assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets["a"])]) == cli.EXIT_OK
     capsys.readouterr()
-    # the same folder on other data: refused, not skipped as finished
-    assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets["b"]),
-                                   "--out", str(tmp_path / "s")]) == cli.EXIT_RUN_EXISTS
-    assert "data_fingerprint" in _one_line(capsys)
-    # elsewhere it trains its runs
-    assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets["b"]), "--out", str(tmp_path / "s2")]) == 0
-    (run,) = (tmp_path / "s2" / "chain").iterdir()
-    assert T.stored_config(run)["data_fingerprint"] == D.mnist_fingerprint(sets["b"])
+    assert {fp: T.read_metrics(r) for fp, r in runs_by_data.items()} == before
+    (row,) = json.loads((out / "summary.json").read_text())["models"]["chain"]["configs"]
+    assert row["run_dirs"] == [str(runs_by_data[prints["a"]])]
+    # other task settings in the same folder are still refused
+    assert _exit(tasks_main.main, [*sweep, "--mnist-dir", str(sets["a"]), "--hidden", "5"]) == cli.EXIT_RUN_EXISTS
+    assert "hidden" in _one_line(capsys)
+
+
+def test_a_psmnist_sweep_stored_without_a_fingerprint_keeps_its_folders(tmp_path, capsys, caplog):
+    mnist = _write_mnist(tmp_path / "a", 1)
+    out = tmp_path / "s"
+    sweep = ["sweep", *PSMNIST[1:], "--models", "chain", "--lr", "1e-3", "--seeds", "1",
+             "--values", "chain=1.0", "--out", str(out), "--mnist-dir", str(mnist)]
+    assert _exit(tasks_main.main, sweep) == cli.EXIT_OK
+    capsys.readouterr()
+    (run,) = (out / "chain").iterdir()
+    # as written before sweeps recorded their data: plain run folders, no fingerprint stored
+    record = json.loads((out / S.SWEEP_FILE).read_text())
+    del record["settings"]["data_fingerprint"]
+    (out / S.SWEEP_FILE).write_text(json.dumps(record))
+    plain = run.with_name("alpha1-lr0.001-seed1")
+    run.rename(plain)
+    metrics = T.read_metrics(plain)
+    for _ in range(2):  # and it stays so: the second time warns again, nothing trains
+        with caplog.at_level(logging.WARNING):
+            assert _exit(tasks_main.main, sweep) == cli.EXIT_OK
+        capsys.readouterr()
+        assert "records no data fingerprint" in caplog.text
+        caplog.clear()
+        assert [p.name for p in (out / "chain").iterdir()] == [plain.name]
+        assert T.read_metrics(plain) == metrics
+    assert "data_fingerprint" not in json.loads((out / S.SWEEP_FILE).read_text())["settings"]
 
 
 def test_a_run_stored_without_a_fingerprint_still_counts_and_resumes(tmp_path, capsys, caplog):

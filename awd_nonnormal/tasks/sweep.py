@@ -378,15 +378,25 @@ class SweepPlan:
         return out
 
 
-def _folder(model: ModelGrid, params: Mapping[str, float], lr: float, seed: int) -> str:
+def _folder(model: ModelGrid, params: Mapping[str, float], lr: float, seed: int,
+            data: Optional[str] = None) -> str:
+    """A run's folder name; ``data`` (a data fingerprint, psMNIST) adds ``-data<8 hex digits>``
+    so that the same grid point on other data trains in a folder of its own."""
     parts = [f"{model.param}{params[model.param]:g}"] if model.param else []
     parts += [f"lr{lr:g}", f"seed{seed}"]
+    if data:
+        parts.append(f"data{data[:8]}")
     return "-".join(parts)
 
 
 def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> SweepPlan:
     """Every run of ``grid`` on the task settings ``base``, with its config and folder; order:
     seed by seed (so a partial sweep has every config's first seeds), then model, value, lr.
+
+    Settings that carry a data fingerprint (psMNIST) put each run in a folder named after its
+    data (:func:`_folder`), so one ``out`` holds the sweep on several data sets side by side; the
+    plan (and ``sweep.json``, the summary) covers the data in ``base`` only. A stored sweep made
+    before sweeps recorded their data keeps its plain folder names (its data are unknown).
 
     Raises :class:`~.train.RunConflict` if ``out`` holds a sweep of other task settings."""
     out = Path(out)
@@ -397,6 +407,7 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
     settings = {k: v for k, v in T.flat_config(probe).items()
                 if k not in ("init", "lr", "seed", *_PARAM_FIELDS.values())}
     manifest = out / SWEEP_FILE
+    data = settings.get("data_fingerprint")
     if manifest.is_file():
         try:
             old = json.loads(manifest.read_text()).get("settings")
@@ -409,6 +420,11 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
                 and {**old, "data_fingerprint": settings["data_fingerprint"]} == settings):
             logger.warning("%s records no data fingerprint (made before sweeps recorded one): its "
                            "data are unknown and taken to be those in use now", manifest)
+            settings = old  # it stays a sweep of unknown data, in its plain run folders
+            data = None
+        elif (old is not None and old.get("data_fingerprint") is not None and data is not None
+              and {**old, "data_fingerprint": data} == settings):
+            pass  # the same sweep on other data: its runs go to folders of their own
         elif old is not None and old != settings:
             diff = "; ".join(f"{k}: {old.get(k)!r} vs {settings.get(k)!r}"
                              for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
@@ -423,7 +439,7 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
                     config = T.make_config(**base, init=model.init, lr=lr, seed=seed, **kw)
                     value = params.get(model.param) if model.param else None
                     runs.append(RunSpec(model.name, model.param, value, lr, seed, config,
-                                        out / model.name / _folder(model, params, lr, seed)))
+                                        out / model.name / _folder(model, params, lr, seed, data)))
     folders = [r.run_dir for r in runs]
     if len(set(folders)) != len(folders):
         clash = sorted({str(f) for f in folders if folders.count(f) > 1})[0]
