@@ -2,10 +2,11 @@
 
 A sweep is a grid (learning rates x seeds x, per model, the values of one initializer parameter)
 on top of one set of task settings. Every grid point is one run of :func:`.train.train` in its
-own folder ``<out>/<model>/<param><value>-lr<lr>-seed<seed>``. Runs go to parallel worker
-processes (spawned, one torch thread each), one by one or, with ``ensemble``, M at a time as one
-batched model (:mod:`.ensemble`); a finished run (``result.json``) is skipped and an interrupted
-one resumed from its checkpoint, so running the same sweep again continues it.
+own folder ``<out>/<model>/<param><value>-lr<lr>-seed<seed>`` (psMNIST adds ``-data<hex>``,
+its data). Runs go to parallel worker processes (spawned, one torch thread each), one by one or,
+with ``ensemble``, M at a time as one batched model (:mod:`.ensemble`); a finished run
+(``result.json``) is skipped and an interrupted one resumed from its checkpoint, so running the
+same sweep again continues it.
 
 The summary follows Figure 3: for each model the best config (lowest validation loss averaged
 over seeds: final by default, or minimum) with its loss curve (mean +- s.e.m. over seeds, panels
@@ -415,6 +416,8 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
             old = None
         if old is not None:
             old = upgrade_config_dict(old)  # a sweep from before the rule settings: as it ran
+        if old is not None and old.get("data_fingerprint") is not None and data is not None:
+            old = {**old, "data_fingerprint": data}  # other data may join: in folders of their own
         if (old is not None and old.get("data_fingerprint") is None
                 and settings.get("data_fingerprint") is not None
                 and {**old, "data_fingerprint": settings["data_fingerprint"]} == settings):
@@ -422,9 +425,6 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
                            "data are unknown and taken to be those in use now", manifest)
             settings = old  # it stays a sweep of unknown data, in its plain run folders
             data = None
-        elif (old is not None and old.get("data_fingerprint") is not None and data is not None
-              and {**old, "data_fingerprint": data} == settings):
-            pass  # the same sweep on other data: its runs go to folders of their own
         elif old is not None and old != settings:
             diff = "; ".join(f"{k}: {old.get(k)!r} vs {settings.get(k)!r}"
                              for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
