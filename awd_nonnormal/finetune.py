@@ -25,7 +25,7 @@ from typing import FrozenSet, Tuple
 from .checkpoint import CheckpointError, load_checkpoint, load_initial
 from .data import check_vocab, load_corpus
 from .lm import (LMError, RunExistsError, RunPaths, RunResult, TrainConfig, Trainer, _finish,
-                 _flat_settings, _make_optimizer, setting_flag)
+                 _flat_settings, _make_optimizer, setting_flag, stored_configs)
 from .runs import ResumeConflict, check_resume
 from .model import ModelConfig
 from .utils import resolve_device
@@ -65,12 +65,7 @@ def finetune_configs(ckpt, model_cfg: ModelConfig, train_cfg: TrainConfig, expli
     settings applied; ``save`` defaults to :func:`default_target`. ``explicit`` names the settings
     the user gave (as :func:`awd_nonnormal.lm.merge_resume_config`'s); a model setting that
     differs from the source's, or ``optimizer``, is a :class:`FinetuneError`."""
-    try:
-        saved_model = ModelConfig.from_dict(ckpt["config"]["model"])
-        saved_train = TrainConfig.from_dict(ckpt["config"]["train"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: not a language-model run of this code (its config cannot "
-                              f"be read: {exc})") from None
+    saved_model, saved_train = stored_configs(ckpt, source, CheckpointError)
     if "optimizer" in explicit:
         raise FinetuneError("--optimizer does not apply to a finetune: it trains with averaged SGD "
                             "(ASGD) from the start, at --lr")

@@ -77,7 +77,7 @@ __all__ = [
     "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "RunPaths", "RunResult", "LMError",
     "ResumeError", "NonFiniteLossError", "RunExistsError", "Trainer", "evaluate", "run",
     "merge_resume_config", "should_switch_to_asgd", "loss_units", "activation_regularization",
-    "averaged_weights", "warmup_factor", "explosion_threshold",
+    "averaged_weights", "warmup_factor", "explosion_threshold", "stored_configs",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -789,6 +789,18 @@ def setting_flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def stored_configs(ckpt: Mapping[str, Any], where: str,
+                   error: Callable[[str], Exception] = ResumeError) -> Tuple[ModelConfig, TrainConfig]:
+    """The model and training configs a checkpoint was saved with; ``error`` (a ResumeError by
+    default) names ``where`` when the checkpoint holds no readable language-model config."""
+    try:
+        return (ModelConfig.from_dict(ckpt["config"]["model"]),
+                TrainConfig.from_dict(ckpt["config"]["train"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise error(f"{where}: not a language-model run of this code (its config cannot be "
+                    f"read: {exc})") from None
+
+
 def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig,
                         explicit: FrozenSet[str], where: str = "checkpoint") -> Tuple[ModelConfig, TrainConfig]:
     """The configs of a resumed run: the checkpoint's, with the explicitly given
@@ -798,12 +810,7 @@ def merge_resume_config(ckpt: Mapping[str, Any], model_cfg: ModelConfig, train_c
 
     Unless ``save`` is explicit, the run goes on writing beside the checkpoint ``where``
     (``DIR/NAME.latest.pt`` -> ``DIR/NAME.pt``), so a moved run folder keeps working."""
-    try:
-        saved_model = ModelConfig.from_dict(ckpt["config"]["model"])
-        saved_train = TrainConfig.from_dict(ckpt["config"]["train"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ResumeError(f"{where}: not a language-model run of this code (its config cannot be "
-                          f"read: {exc})") from None
+    saved_model, saved_train = stored_configs(ckpt, where)
     given = _flat_settings(model_cfg, train_cfg)
     wanted = {k: v for k, v in given.items() if k in explicit}
     try:
