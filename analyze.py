@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args.verbose, quiet_level=logging.WARNING)
-    cli.set_threads(args.threads)
+    cli.setup_cpu(args.threads)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

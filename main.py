@@ -239,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ranks other than 0 log only warnings and errors, and name themselves in an error line
     cli.setup_logging(args.verbose, logging.INFO if dist.is_main else logging.WARNING)
     prog = PROG if not dist.active else f"{PROG} [rank {dist.rank}]"
-    cli.set_threads(args.threads)
+    cli.setup_cpu(args.threads)
 
     if args.resume is None and args.finetune is None:  # these take their settings from a checkpoint
         applied = apply_model_defaults(args, explicit)

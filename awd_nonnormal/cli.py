@@ -35,11 +35,11 @@ from .data import DataError
 from .init import add_init_arguments
 from .lm import LMError
 from .runs import Diverged, ResumeConflict, RunExistsError
-from .utils import DEVICES
+from .utils import DEVICES, retain_freed_memory
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_RUN_EXISTS", "EXIT_DIVERGED",
            "EXIT_INTERRUPTED", "EXIT_CODES", "Parser", "add_device_argument",
-           "add_output_arguments", "add_threads_argument", "set_threads", "add_init_arguments", "setup_logging", "exit_code",
+           "add_output_arguments", "add_threads_argument", "setup_cpu", "add_init_arguments", "setup_logging", "exit_code",
            "one_line", "run_command", "given_dests", "register_data_error"]
 
 EXIT_OK = 0
@@ -157,10 +157,13 @@ def add_threads_argument(group, help: str = "torch CPU threads (default 1; 0: to
     group.add_argument("--threads", type=_threads, default=1, metavar="N", help=help)
 
 
-def set_threads(n: int) -> None:
-    """Apply ``--threads``: ``torch.set_num_threads(n)`` for n > 0, nothing for 0."""
-    if n > 0:
-        torch.set_num_threads(n)
+def setup_cpu(threads: int) -> None:
+    """What every command and sweep worker does first on the host: apply ``--threads``
+    (``torch.set_num_threads(n)`` for n > 0, nothing for 0) and let the process reuse the memory
+    it frees (:func:`~awd_nonnormal.utils.retain_freed_memory`)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    retain_freed_memory()
 
 
 def setup_logging(verbose: int = 0, quiet_level: int = logging.INFO) -> None:

@@ -1,7 +1,7 @@
 """Speed and memory of awd_nonnormal.rnn.RNN against PyTorch's nn.RNN, forward + backward.
 
     python bench/rnn_speed.py [--device auto|cpu|cuda] [--repeats 7] [--shapes copy,psmnist,lm]
-                              [--threads 1] [--no-memory] [--no-peak] [--no-rule] [--no-ptb]
+                              [--threads 1] [--system-malloc] [--no-memory] [--no-peak] [--no-rule] [--no-ptb]
                               [--task-step [--against REV] [--rounds 3]]
 
 On CPU it first measures the float32 GEMM throughput of oneDNN (with a pre-packed weight, as the
@@ -13,9 +13,13 @@ with the add post-op, ``torch.addmm``) and prints which was faster and which one
 sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
 times that for an LSTM). ``--task-step`` times one training step of the copy task at T = 500
 (batch, model, loss, backward, global clipping, RMSprop) as ``python -m awd_nonnormal.tasks``
-runs it, round-robin with the same step in stock PyTorch (``nn.RNN(relu)``, whose fused kernel
-is PyTorch's fastest vanilla RNN) and, with ``--against REV``, with the step of this repository
-at git revision ``REV`` (its package imported under another name), for ``--rounds`` rounds.
+runs it (freed memory kept, see ``awd_nonnormal.utils.retain_freed_memory``), the same code with
+glibc's default allocator, the same step in stock PyTorch (``nn.RNN(relu)``, whose fused kernel
+is PyTorch's fastest vanilla RNN) and, with ``--against REV``, the step of this repository at git
+revision ``REV`` (its package imported under another name), taking turns for ``--rounds``
+rounds; each timing runs in a fresh child process, as the allocator setting is process-wide.
+Everything else runs as the commands do, with freed memory kept; ``--system-malloc`` leaves
+glibc's allocator as it is.
 
 For every shape and nonlinearity it prints the median time of one forward + backward pass and
 
@@ -64,6 +68,7 @@ from awd_nonnormal.rnn import (  # noqa: E402
     onednn_available,
     rnn_reference,
 )
+from awd_nonnormal.utils import retain_freed_memory  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -341,10 +346,10 @@ def _stock_step() -> Callable[[], None]:
     return step
 
 
-def _package_at(rev: str) -> str:
-    """Import the ``awd_nonnormal`` package of git revision ``rev`` (this repository) under another
-    name, from a temporary folder; returns that name. Its imports inside are all relative."""
-    import importlib
+def _package_at(rev: str) -> Path:
+    """Extract the ``awd_nonnormal`` package of git revision ``rev`` (this repository) into a
+    temporary folder, renamed :data:`OLD_PACKAGE`; returns the folder. Its imports inside are all
+    relative, so it imports beside the current package."""
     import io
     import subprocess
     import tarfile
@@ -356,26 +361,55 @@ def _package_at(rev: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="rnn_speed_"))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(folder, filter="data")
-    name = "awd_nonnormal_at_rev"
-    (folder / "awd_nonnormal").rename(folder / name)
-    sys.path.insert(0, str(folder))
-    importlib.import_module(name)
-    return name
+    (folder / "awd_nonnormal").rename(folder / OLD_PACKAGE)
+    if not (folder / OLD_PACKAGE / "tasks" / "rules.py").exists():
+        raise SystemExit(f"rnn_speed.py: error: --against {rev}: that revision lacks "
+                         f"awd_nonnormal/tasks/rules.py, which this comparison needs; use a revision "
+                         f"with it (the training-rules change or later)")
+    return folder
 
 
-def task_step(repeats: int, warmup: int, rounds: int, against: str = "") -> list:
-    """``rounds`` rounds of round-robin timings (median of ``repeats`` each) of the copy-500
-    training step of this code, of the stock-PyTorch reference and, with ``against``, of the
-    code at that git revision: one {name: seconds} per round."""
-    steps = {"this code": _task_step_of("awd_nonnormal", "this code"), "stock": _stock_step()}
+OLD_PACKAGE = "awd_nonnormal_at_rev"
+
+
+def _step_child(kind: str, package_dir: str, repeats: int, warmup: int) -> float:
+    """In a child process (``--step-child``): build the step of ``kind`` (``this`` or ``old``, the
+    package extracted into ``package_dir``, or ``stock``), time it, return the median seconds."""
+    if kind == "stock":
+        step = _stock_step()
+    elif kind == "old":
+        sys.path.insert(0, package_dir)
+        step = _task_step_of(OLD_PACKAGE, "old")
+    else:
+        step = _task_step_of("awd_nonnormal", "this code")
+    return time_round_robin({"step": step}, repeats, warmup, torch.device("cpu"))["step"]
+
+
+def task_step(repeats: int, warmup: int, rounds: int, against: str = "", threads: int = 1) -> list:
+    """``rounds`` rounds of timings (median of ``repeats`` each) of the copy-500 training step:
+    this code as its commands run it (freed memory kept, :func:`cli.setup_cpu`), the same code
+    with glibc's default allocator, the stock-PyTorch reference and, with ``against``, the code at
+    that git revision (which ran with glibc's default allocator). Each timing runs in a fresh
+    child process, since the allocator setting is process-wide, and the candidates take turns
+    within a round so that load from other processes falls on all of them alike.
+    One {name: seconds} per round."""
+    import subprocess
+
+    candidates = {"this code": ["this"], "this code, system malloc": ["this", "--system-malloc"],
+                  "stock": ["stock", "--system-malloc"]}
     if against:
-        try:
-            steps[against] = _task_step_of(_package_at(against), against)
-        except ModuleNotFoundError as exc:
-            raise SystemExit(f"rnn_speed.py: error: --against {against}: that revision lacks a module "
-                             f"this comparison needs ({exc.name}); use a revision with "
-                             f"awd_nonnormal/tasks/rules.py (the training-rules change or later)") from None
-    return [time_round_robin(steps, repeats, warmup, torch.device("cpu")) for _ in range(rounds)]
+        candidates[against] = ["old", "--system-malloc", "--package-dir", str(_package_at(against))]
+    results = []
+    for _ in range(rounds):
+        times = {}
+        for name, args in candidates.items():
+            # at least 10 warm-up steps: a fresh process's heap grows during its first steps
+            cmd = [sys.executable, __file__, "--step-child", *args, "--repeats", str(repeats),
+                   "--warmup", str(max(warmup, 10)), "--threads", str(threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            times[name] = float(out.split()[-1])
+        results.append(times)
+    return results
 
 
 def main(argv=None) -> None:
@@ -385,6 +419,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per candidate first")
     parser.add_argument("--shapes", default="copy,psmnist,lm", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the commands keep freed memory, "
+                             "awd_nonnormal.utils.retain_freed_memory)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--naive", action="store_true", help="also time elu as a plain autograd loop")
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak (CPU)")
@@ -396,6 +433,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="with --task-step: rounds of timings")
     parser.add_argument("--quick", action="store_true",
                         help="time only nn.RNN and our layer's automatic path (no per-backend times)")
+    # Internal: one timing of --task-step in a child process (see task_step).
+    parser.add_argument("--step-child", choices=("this", "old", "stock"), help=argparse.SUPPRESS)
+    parser.add_argument("--package-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -406,6 +446,11 @@ def main(argv=None) -> None:
             parser.error("--device cuda: CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As every command of the project runs (cli.setup_cpu); --system-malloc leaves glibc's default.
+    kept = False if args.system_malloc else retain_freed_memory()
+    if args.step_child:
+        print(_step_child(args.step_child, args.package_dir, args.repeats, args.warmup))
+        return
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -414,7 +459,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{torch.get_num_threads()} threads"
+        where = f"{torch.get_num_threads()} threads, {'freed memory kept' if kept else 'system malloc'}"
     if hasattr(os, "getloadavg"):
         where += f", load average {os.getloadavg()[0]:.2f}"
     mem_what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation records"
@@ -467,11 +512,14 @@ def main(argv=None) -> None:
             sec = res[f"RNN-{nl}"][0]
             print(f"  RNN-{nl} per token: {lstm[0] / sec:.2f}x faster than the LSTM")
     if args.task_step and device.type == "cpu":
-        rounds = task_step(args.repeats, args.warmup, max(1, args.rounds), args.against)
+        rounds = task_step(args.repeats, args.warmup, max(1, args.rounds), args.against,
+                           torch.get_num_threads())
         print()
         print("copy task T=500 training step (batch 16, N 100, elu, as the trainer runs it), "
-              "median ms per round; stock = nn.RNN(relu) + nn.Linear + cross_entropy + "
-              "clip_grad_norm_ + RMSprop on one-hot inputs; x = time(other) / time(this code)")
+              "median ms per round, each timing in a fresh process; this code keeps freed memory "
+              "as its commands do, the others use glibc's default allocator; stock = "
+              "nn.RNN(relu) + nn.Linear + cross_entropy + clip_grad_norm_ + RMSprop on one-hot "
+              "inputs; x = time(other) / time(this code)")
         for k, t in enumerate(rounds):
             line = f"  round {k + 1}: this code {t['this code'] * 1e3:.1f} ms"
             for name in t:

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     def command() -> int:
         check_output_file(args.out, "--out")  # before the work, not after it
-        cli.set_threads(args.threads)
+        cli.setup_cpu(args.threads)
         start = time.time()
         args.run(args)
         print(f"({time.time() - start:.1f} s)")

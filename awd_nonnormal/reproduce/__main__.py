@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 import sys
 
-import torch
 
 from .. import cli
 from . import BUDGETS, reproduce
@@ -31,7 +30,7 @@ def main(argv=None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
     cli.setup_logging()
-    torch.set_num_threads(1)
+    cli.setup_cpu(1)
     out = args.out or f"runs/reproduce-{args.budget}"
     command = "python -m awd_nonnormal.reproduce " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 

@@ -237,7 +237,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(args.out or Path("runs") / "tasks", "--out")
     with contextlib.ExitStack() as stack:
         config, out = _train_config(args, options, stack)
-        cli.set_threads(args.threads)
+        cli.setup_cpu(args.threads)
         outcome = T.train(config, out, options)
     _print_run_summary(outcome)
     return cli.EXIT_DIVERGED if outcome.result.get("status") == "diverged" else cli.EXIT_OK
@@ -291,7 +291,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     check_output_dir(out, "--out")
     base["data_fingerprint"] = task.fingerprint(T.make_config(**base), options)
     plan = S.plan_sweep(grid, base, out)
-    cli.set_threads(args.threads)
+    cli.setup_cpu(args.threads)
     stats = S.run_sweep(plan, options, workers=args.workers, threads=args.threads,
                         progress=not args.no_progress, ensemble=ensemble, executor=args.executor,
                         address=args.address, max_retries=args.max_retries)

@@ -533,10 +533,9 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop) -> No
 
 
 def _worker_setup(threads: int, level: int, plugins: Tuple[str, ...]) -> None:
-    """What every worker (a pool process or a Ray task) does first: threads, logging, plug-ins."""
-    import torch
-    if threads > 0:
-        torch.set_num_threads(threads)
+    """What every worker (a pool process or a Ray task) does first: threads and the allocator
+    (:func:`awd_nonnormal.cli.setup_cpu`), logging, plug-ins."""
+    cli.setup_cpu(threads)
     cli.setup_logging(quiet_level=level)
     for plugin in plugins:
         initmod.load_plugin(plugin)
