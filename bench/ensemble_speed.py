@@ -38,7 +38,7 @@ from awd_nonnormal.tasks import data as D  # noqa: E402
 from awd_nonnormal.tasks import ensemble as E  # noqa: E402
 from awd_nonnormal.tasks import rules  # noqa: E402
 from awd_nonnormal.tasks import train as T  # noqa: E402
-from awd_nonnormal.utils import resolve_device  # noqa: E402
+from awd_nonnormal.utils import resolve_device, retain_freed_memory  # noqa: E402
 
 BATCHES_PER_RUN = 100 * 60_000 // 16
 
@@ -129,6 +129,7 @@ def main() -> int:
         HIDDEN["hidden"] = args.hidden
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as every command does (cli.setup_cpu)
     device = resolve_device(args.device)
     members = [int(v) for v in args.members.split(",")]
     print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
