@@ -103,7 +103,9 @@ STEP_BUFFER_MIN_WIDTH = 1024
 buffer (``addmm(..., out=)``, which copies grad_h[t] in first) rather than into a (T, B, N) copy
 of the output gradient made up front. In one process, elu layer forward + backward against the
 copy up front: copy shape (B*N = 1600) 1.05-1.16x faster, psMNIST (400) 0.94-0.95x (loaded 2-core CPU, one
-thread, two runs), so the narrow layers keep the copy."""
+thread, two runs), so the narrow layers keep the copy. Re-measured on a quiet core with freed memory
+kept (:func:`~awd_nonnormal.utils.retain_freed_memory`, as the commands run): copy 1.03-1.05x,
+psMNIST 0.99-1.01x."""
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
