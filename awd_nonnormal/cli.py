@@ -33,8 +33,7 @@ import torch
 from .checkpoint import CheckpointError
 from .data import DataError
 from .init import add_init_arguments
-from .lm import LMError
-from .runs import Diverged, ResumeConflict, RunExistsError
+from .runs import Diverged, ResumeConflict, RunError, RunExistsError
 from .utils import DEVICES, retain_freed_memory
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_RUN_EXISTS", "EXIT_DIVERGED",
@@ -64,7 +63,7 @@ _ERRORS: list = [
     (ResumeConflict, EXIT_USAGE),
     (CheckpointError, EXIT_ERROR),
     (DataError, EXIT_ERROR),
-    (LMError, EXIT_ERROR),
+    (RunError, EXIT_ERROR),
     (OSError, EXIT_ERROR),
     (ValueError, EXIT_USAGE),
 ]

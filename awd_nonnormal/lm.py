@@ -66,7 +66,7 @@ from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_cor
 from .init import INIT_PARAMS
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
-                   RunExistsError, RunLock, check_output_file, check_resume,
+                   RunError, RunExistsError, RunLock, check_output_file, check_resume,
                    remove_stale_temporaries)
 from .progress import progress_bar
 from .utils import check_seed, resolve_device, seed_everything
@@ -93,7 +93,7 @@ RESUMABLE_CHANGES = frozenset({
 LN2 = math.log(2.0)
 
 
-class LMError(RuntimeError):
+class LMError(RunError):
     """A language-model run cannot start or go on; the message says why."""
 
 

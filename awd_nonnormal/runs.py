@@ -78,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "RESULT_FILE", "RunExistsError",
-    "ResumeConflict", "Diverged", "check_resume", "differences", "json_clean", "write_text",
+    "ResumeConflict", "Diverged", "RunError", "check_resume", "differences", "json_clean", "write_text",
     "write_json", "read_json", "MetricsLog", "read_metrics", "read_result", "is_finished",
     "NonFiniteGuard", "GracefulInterrupt", "DIVERGED_FACTOR", "RunLock", "RunLocked",
     "LOCK_FILE", "OutputError", "check_output_dir", "check_output_file",
@@ -107,6 +107,12 @@ class ResumeConflict(ValueError):
 
 class Diverged(RuntimeError):
     """A run ended because a loss became non-finite or its updates stopped (see the module)."""
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on for a reason of its inputs (the message says why); the
+    commands exit with code 1 (:mod:`awd_nonnormal.cli`). :class:`~awd_nonnormal.lm.LMError`
+    is one."""
 
 
 class RunLocked(RunExistsError):
