@@ -60,7 +60,7 @@ def retain_freed_memory() -> bool:
     A training step allocates and frees a few tensors of megabytes (a (T, B, N) state and its
     gradient). glibc serves such blocks with ``mmap`` or trims them off the heap when freed, so
     every step the kernel maps and zeroes their pages again: about 1,900 page faults and 3-4 ms
-    of a 12 ms copy-task step (bench/rnn_speed.py ``--task-step``). With blocks up to
+    of a 15 ms copy-task step (bench/rnn_speed.py ``--task-step``). With blocks up to
     :data:`MMAP_THRESHOLD` on the heap and trimming only above :data:`TRIM_THRESHOLD`, freed
     blocks are reused at no cost; the price is that the process keeps its peak heap. Process-wide;
     called by every command (``cli.setup_cpu``) and every sweep worker.

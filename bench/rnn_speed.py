@@ -17,8 +17,8 @@ runs it (freed memory kept, see ``awd_nonnormal.utils.retain_freed_memory``), th
 glibc's default allocator, the same step in stock PyTorch (``nn.RNN(relu)``, whose fused kernel
 is PyTorch's fastest vanilla RNN) and, with ``--against REV``, the step of this repository at git
 revision ``REV`` (its package imported under another name) with glibc's allocator, as it ran, and
-with freed memory kept, taking turns for ``--rounds``
-rounds; each timing runs in a fresh child process, as the allocator setting is process-wide.
+with freed memory kept, taking turns for ``--rounds`` rounds; each timing runs in a fresh child
+process, as the allocator setting is process-wide.
 Everything else runs as the commands do, with freed memory kept; ``--system-malloc`` leaves
 glibc's allocator as it is.
 
@@ -391,9 +391,9 @@ def task_step(repeats: int, warmup: int, rounds: int, against: str = "", threads
     this code as its commands run it (freed memory kept, :func:`cli.setup_cpu`), the same code
     with glibc's default allocator, the stock-PyTorch reference and, with ``against``, the code at
     that git revision as it ran (glibc's default allocator) and with freed memory kept (the
-    difference in code alone). Each timing runs in a fresh
-    child process, since the allocator setting is process-wide, and the candidates take turns
-    within a round so that load from other processes falls on all of them alike.
+    difference in code alone). Each timing runs in a fresh child process, since the allocator
+    setting is process-wide, and the candidates take turns within a round so that load from other
+    processes falls on all of them alike.
     One {name: seconds} per round."""
     import subprocess
 
@@ -522,9 +522,8 @@ def main(argv=None) -> None:
         print("copy task T=500 training step (batch 16, N 100, elu, as the trainer runs it), "
               "median ms per round, each timing in a fresh process; this code keeps freed memory "
               "as its commands do, the others use glibc's default allocator unless their name says "
-              "so; stock = "
-              "nn.RNN(relu) + nn.Linear + cross_entropy + clip_grad_norm_ + RMSprop on one-hot "
-              "inputs; x = time(other) / time(this code)")
+              "so; stock = nn.RNN(relu) + nn.Linear + cross_entropy + clip_grad_norm_ + RMSprop "
+              "on one-hot inputs; x = time(other) / time(this code)")
         for k, t in enumerate(rounds):
             line = f"  round {k + 1}: this code {t['this code'] * 1e3:.1f} ms"
             for name in t:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 import sys
 
-
 from .. import cli
 from . import BUDGETS, reproduce
 
