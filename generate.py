@@ -39,12 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outf", default=None, metavar="FILE", help="write the text to FILE instead of printing it")
     cli.add_device_argument(p)
     cli.add_output_arguments(p, progress=False)
+    cli.add_threads_argument(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    cli.setup_cpu(args.threads)
 
     def command() -> int:
         if args.words < 0:

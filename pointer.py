@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bptt", type=int, default=d.bptt, help="evaluation chunk length (batch size 1)")
     cli.add_device_argument(p)
     cli.add_output_arguments(p, progress=False)
+    cli.add_threads_argument(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    cli.setup_cpu(args.threads)
 
     def command() -> int:
         config = CacheConfig(lambdasm=args.lambdasm, theta=args.theta, window=args.window, bptt=args.bptt)

@@ -1,5 +1,5 @@
-"""--threads on main.py and analyze.py: the tasks command's default (1), 0 for torch's own, and a
-negative count is a one-line usage error."""
+"""--threads on main.py, analyze.py, pointer.py and generate.py: the tasks command's default (1),
+0 for torch's own, and a negative count is a one-line usage error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import analyze
+import generate
 import main
+import pointer
+
+# Each command with the arguments that make it start and then fail on a missing file.
+MISSING = {main: lambda tmp: ["--data", str(tmp / "none")], analyze: lambda tmp: [str(tmp / "none.pt")],
+           pointer: lambda tmp: ["--save", str(tmp / "none.pt")],
+           generate: lambda tmp: ["--checkpoint", str(tmp / "none.pt")]}
 
 
 @pytest.fixture
@@ -17,26 +24,25 @@ def keep_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("cli", [main, analyze])
-def test_negative_threads_is_a_usage_error(cli, capsys, keep_threads):
+@pytest.mark.parametrize("cli", list(MISSING), ids=lambda m: m.__name__)
+def test_negative_threads_is_a_usage_error(cli, capsys, keep_threads, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["--threads", "-1"] + (["x.pt"] if cli is analyze else []))
+        cli.main(["--threads", "-1"] + MISSING[cli](tmp_path))
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--threads must be >= 0, got -1" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("cli", [main, analyze])
+@pytest.mark.parametrize("cli", list(MISSING), ids=lambda m: m.__name__)
 def test_default_is_one_thread_like_the_tasks_command(cli, tmp_path, keep_threads):
     torch.set_num_threads(2)
-    parsed = cli.build_parser().parse_args([] if cli is main else ["x.pt"])
-    assert parsed.threads == 1
+    assert cli.build_parser().parse_args(MISSING[cli](tmp_path)).threads == 1
     # a missing file fails after the thread count is set
-    argv = ["--data", str(tmp_path / "none")] if cli is main else [str(tmp_path / "none.pt")]
     try:
-        cli.main(argv)
-    except SystemExit:
-        pass
+        code = cli.main(MISSING[cli](tmp_path))
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 1
     assert torch.get_num_threads() == 1
 
 
