@@ -62,8 +62,8 @@ def retain_freed_memory() -> bool:
     every step the kernel maps and zeroes their pages again: about 1,900 page faults and 3-4 ms
     of a 15 ms copy-task step (bench/rnn_speed.py ``--task-step``). With blocks up to
     :data:`MMAP_THRESHOLD` on the heap and trimming only above :data:`TRIM_THRESHOLD`, freed
-    blocks are reused at no cost; the price is that the process keeps its peak heap. Process-wide;
-    called by every command (``cli.setup_cpu``) and every sweep worker.
+    blocks are reused at no cost; the price is that the process keeps up to 1 GiB of freed heap.
+    Process-wide; called by every command (``cli.setup_cpu``) and every sweep worker.
 
     Returns whether the setting was applied: False off glibc (macOS, musl, Windows), when
     ``AWD_NONNORMAL_KEEP_FREED_MEMORY=0``, or when glibc refuses a value.
