@@ -38,7 +38,8 @@ from awd_nonnormal.tasks import data as D  # noqa: E402
 from awd_nonnormal.tasks import ensemble as E  # noqa: E402
 from awd_nonnormal.tasks import rules  # noqa: E402
 from awd_nonnormal.tasks import train as T  # noqa: E402
-from awd_nonnormal.utils import resolve_device, retain_freed_memory  # noqa: E402
+from awd_nonnormal import cli  # noqa: E402
+from awd_nonnormal.utils import resolve_device  # noqa: E402
 
 BATCHES_PER_RUN = 100 * 60_000 // 16
 
@@ -127,9 +128,7 @@ def main() -> int:
     args = p.parse_args()
     if args.hidden:
         HIDDEN["hidden"] = args.hidden
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    retain_freed_memory()  # as every command does (cli.setup_cpu)
+    cli.setup_cpu(args.threads)  # threads (0: torch's) and freed memory kept, as every command
     device = resolve_device(args.device)
     members = [int(v) for v in args.members.split(",")]
     print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "

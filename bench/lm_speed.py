@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from awd_nonnormal.data import Corpus, Dictionary  # noqa: E402
 from awd_nonnormal.lm import RunPaths, TrainConfig, Trainer, evaluate  # noqa: E402
 from awd_nonnormal.model import ModelConfig  # noqa: E402
-from awd_nonnormal.utils import resolve_device, retain_freed_memory  # noqa: E402
+from awd_nonnormal import cli  # noqa: E402
+from awd_nonnormal.utils import resolve_device  # noqa: E402
 
 CONFIGS = {
     "ptb": dict(vocab=10000, emsize=400, nhid=1150, nlayers=3, bptt=70, batch_size=80),
@@ -152,9 +153,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batches < 1:
         p.error(f"--batches must be a positive integer, got {args.batches}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    retain_freed_memory()  # as every command does (cli.setup_cpu)
+    cli.setup_cpu(args.threads or 0)  # threads (None: torch's) and freed memory kept, as every command
     if args.worker:
         print(json.dumps(measure(*args.worker, args.device, args.batches)))
         return 0
