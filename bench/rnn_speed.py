@@ -2,6 +2,7 @@
 
     python bench/rnn_speed.py [--device auto|cpu|cuda] [--repeats 7] [--shapes copy,psmnist,lm]
                               [--threads 1] [--system-malloc] [--no-memory] [--no-peak] [--no-rule] [--no-ptb]
+                              [--activations]
                               [--task-step [--against REV] [--rounds 3]]
 
 On CPU it first measures the float32 GEMM throughput of oneDNN (with a pre-packed weight, as the
@@ -11,7 +12,8 @@ with the add post-op, ``torch.addmm``) and prints which was faster and which one
 (``B*N*N >= ONEDNN_MIN_WORK``) picks. The ``ptb`` table is AWD-LSTM's PTB recurrent stack
 (T 70, B 80, layers 400-1150-1150-400) forward + backward, ours against ``nn.LSTM`` of the same
 sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
-times that for an LSTM). ``--task-step`` times one training step of the copy task at T = 500
+times that for an LSTM). ``--activations`` times the in-place activations on one step state of each
+shape (PyTorch's ``tanh_`` against the layer's, which is NumPy's on CPU). ``--task-step`` times one training step of the copy task at T = 500
 (batch, model, loss, backward, global clipping, RMSprop) as ``python -m awd_nonnormal.tasks``
 runs it (freed memory kept, see ``awd_nonnormal.utils.retain_freed_memory``), the same code with
 glibc's default allocator, the same step in stock PyTorch (``nn.RNN(relu)``, whose fused kernel
@@ -68,6 +70,7 @@ from awd_nonnormal.rnn import (  # noqa: E402
     layer_path,
     onednn_available,
     rnn_reference,
+    tanh_,
 )
 from awd_nonnormal.utils import retain_freed_memory  # noqa: E402
 
@@ -215,6 +218,29 @@ def gemm_peak(repeats: int) -> Dict[str, float]:
         if name == "lm":
             out["mkl lm"] = flops / _best_seconds(lambda: torch.mm(a, w.t()), repeats) / 1e9
     return out
+
+
+def activation_times(repeats: int) -> list:
+    """Rows of (shape name, elements, {activation: seconds per in-place call}) at each shape's
+    (B, N) step state: PyTorch's tanh_, the layer's tanh (NumPy's on CPU, :func:`tanh_`),
+    relu_ and elu_, on standard-normal values."""
+    import torch.nn.functional as F
+
+    candidates = {"torch tanh_": torch.Tensor.tanh_, "layer tanh": tanh_,
+                  "relu_": torch.Tensor.relu_, "elu_": F.elu_}
+    rows = []
+    for shape in SHAPES.values():
+        z = torch.randn(shape.B, shape.N)
+        buf = z.clone()
+        calls = max(50, int(2e7 / z.numel()))
+        times = {}
+        for name, fn in candidates.items():
+            # a fresh copy of z before each call, so every call sees the same values
+            each = _best_seconds(_many(lambda: fn(buf.copy_(z)), calls), repeats) / calls
+            copy = _best_seconds(_many(lambda: buf.copy_(z), calls), repeats) / calls
+            times[name] = max(each - copy, 0.0)
+        rows.append((shape.name, z.numel(), times))
+    return rows
 
 
 RULE_GRID = [(16, 25), (16, 100), (16, 128), (16, 200), (16, 256), (32, 160), (32, 200), (64, 100),
@@ -431,6 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak (CPU)")
     parser.add_argument("--no-rule", action="store_true", help="skip the oneDNN-threshold check (CPU)")
     parser.add_argument("--no-ptb", action="store_true", help="skip the PTB-stack table")
+    parser.add_argument("--activations", action="store_true",
+                        help="also time the in-place activations at each shape's step state (CPU)")
     parser.add_argument("--task-step", action="store_true", help="also time a copy-500 training step (CPU)")
     parser.add_argument("--against", default="", metavar="REV",
                         help="with --task-step: also time the step of the code at git revision REV")
@@ -498,6 +526,17 @@ def main(argv=None) -> None:
                   f"{faster:>7} {picked:>7}")
         print(f"the rule picked the faster backend for {agree} of {len(rows)} products"
               + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
+    if args.activations and device.type == "cpu":
+        rows = activation_times(max(3, args.repeats // 2))
+        print()
+        print("in-place activation of one step state, us per call (best of several, the copy "
+              "that restores the input subtracted)")
+        names_act = list(rows[0][2])
+        print(f"{'shape':<10} {'B*N':>7} " + " ".join(f"{n:>12}" for n in names_act)
+              + f" {'torch/layer tanh':>17}")
+        for name, numel, times in rows:
+            print(f"{name:<10} {numel:7d} " + " ".join(f"{times[n] * 1e6:12.2f}" for n in names_act)
+                  + f" {times['torch tanh_'] / max(times['layer tanh'], 1e-12):17.2f}")
     for name in names:
         shape = SHAPES[name]
         t, mem = run_shape(shape, device, args.repeats, args.warmup, not args.no_memory, args.naive, args.quick)

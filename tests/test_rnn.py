@@ -466,3 +466,64 @@ def test_wide_layers_backward_with_one_step_buffer(nonlinearity):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
     for a, e in zip(got[2], ref[2]):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def _ulps(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest error of ``actual`` in units in the last place of its dtype at ``exact``."""
+    import numpy as np
+
+    spacing = np.spacing(np.abs(exact.to(actual.dtype).numpy()))
+    return float(((actual.double() - exact).abs() / torch.from_numpy(spacing).double()).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_in_place_is_numpy_on_cpu_and_accurate(dtype):
+    """The layer's tanh runs NumPy's tanh in place on CPU float tensors, within 2 ULP of tanh
+    computed in higher precision (math.tanh per element, independent of both libraries)."""
+    import math
+
+    from awd_nonnormal.rnn import numpy_tanh_applies, tanh_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=g, dtype=dtype) * s for s in (0.01, 1.0, 4.0)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-30, 1e-3], dtype=dtype)])
+    exact = torch.tensor([math.tanh(v) for v in x.tolist()], dtype=torch.float64)
+    y = x.clone().view(3, -1)  # 2-D, as a step state
+    assert numpy_tanh_applies(y)
+    out = tanh_(y)
+    assert out is y and out.data_ptr() == y.data_ptr()
+    assert _ulps(y.flatten(), exact) <= 2.0
+    # a strided view is written through to its base
+    base = x.clone().view(3, -1)
+    tanh_(base.t())
+    assert _ulps(base.flatten(), exact) <= 2.0
+
+
+def test_tanh_in_place_falls_back_to_torch_where_numpy_does_not_apply():
+    from awd_nonnormal.rnn import numpy_tanh_applies, tanh_
+
+    x = torch.linspace(-3, 3, 50)
+    for other in (x.to(torch.bfloat16), x.to(torch.float16)):
+        assert not numpy_tanh_applies(other)
+        assert torch.equal(tanh_(other.clone()), torch.tanh(other))
+    leaf = x.clone().requires_grad_()
+    assert not numpy_tanh_applies(leaf)
+    with torch.no_grad():
+        assert torch.equal(tanh_(leaf), torch.tanh(x))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_step_activations_write_each_step_in_place(nonlinearity):
+    from awd_nonnormal.rnn import step_activations
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(7, 3, 5, generator=g)
+    h = z.clone()
+    activate_, views = step_activations(h, nonlinearity)
+    assert len(views) == 7
+    if activate_ is not None:
+        for view in views:
+            activate_(view)
+    expected = {"tanh": torch.tanh, "relu": torch.relu, "elu": torch.nn.functional.elu,
+                "linear": lambda v: v}[nonlinearity](z)
+    torch.testing.assert_close(h, expected, rtol=3e-7, atol=3e-7)
