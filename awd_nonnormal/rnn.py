@@ -136,6 +136,22 @@ def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], onednn: bool) -> Tenso
     return torch.addmm(bias, a, w.t())
 
 
+def row_contraction(a: Tensor, b: Tensor, onednn: bool = False) -> Tensor:
+    """``a^T b`` for a (..., R, m) and b (..., R, n): the sum over R rows of outer products, as in
+    the weight gradients (sum_t delta_t x_t^T over the T*B rows); 2-D by :func:`_linear` (oneDNN
+    or torch.mm), 3-D by torch.bmm. Both libraries run this product faster with the narrower
+    operand on the left, so for m > n it is computed as ``(b^T a)^T`` and returned as that
+    transposed view. Measured at T*B = 8000 rows, 100 units, 10 inputs, one thread: oneDNN 181
+    against 521 us, torch.mm 269 against 987 us, an 8-member torch.bmm 3.9 against 12.7 ms; at
+    100 x 100 and at the LM sizes within 5 % either way (``bench/rnn_speed.py`` checks the
+    orientation with the backend rule)."""
+    if a.shape[-1] > b.shape[-1]:
+        return row_contraction(b, a, onednn).transpose(-2, -1)
+    if a.dim() == 3:
+        return torch.bmm(a.transpose(1, 2), b)
+    return _linear(a.t(), b.t(), None, onednn)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations for the hand-written path. The forward pass applies f in place on the step's
 # hidden state; the backward pass needs f'(z) and gets it from h = f(z) alone, so the
@@ -360,16 +376,15 @@ class _RNNLayerFunction(torch.autograd.Function):
         if need_wih and symbols:
             grad_wih = grad_table.t()
         elif need_wih:  # sum_t delta_t x_t^T  (N, d)
-            grad_wih = _linear(
-                delta2.t(), x.reshape(T * B, d).t(), None, _uses_onednn(N, T * B, d, impl, available)
+            grad_wih = row_contraction(
+                delta2, x.reshape(T * B, d), _uses_onednn(N, T * B, d, impl, available)
             )
         if need_whh:  # sum_t delta_t h_{t-1}^T  (N, N)
             if T > 1:
                 rows = (T - 1) * B
-                grad_whh = _linear(
-                    delta[1:].reshape(rows, N).t(),
-                    h[:-1].reshape(rows, N).t(),
-                    None,
+                grad_whh = row_contraction(
+                    delta[1:].reshape(rows, N),
+                    h[:-1].reshape(rows, N),
                     _uses_onednn(N, rows, N, impl, available),
                 )
                 grad_whh.addmm_(deltas[0].t(), h0)

@@ -12,7 +12,8 @@ with the add post-op, ``torch.addmm``) and prints which was faster and which one
 (``B*N*N >= ONEDNN_MIN_WORK``) picks. The ``ptb`` table is AWD-LSTM's PTB recurrent stack
 (T 70, B 80, layers 400-1150-1150-400) forward + backward, ours against ``nn.LSTM`` of the same
 sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
-times that for an LSTM). ``--activations`` times the in-place activations on one step state of each
+times that for an LSTM). After the rule it times the weight-gradient products in both operand orders (the layer puts the
+narrower operand on the left). ``--activations`` times the in-place activations on one step state of each
 shape (PyTorch's ``tanh_`` against the layer's, which is NumPy's on CPU). ``--task-step`` times one training step of the copy task at T = 500
 (batch, model, loss, backward, global clipping, RMSprop) as ``python -m awd_nonnormal.tasks``
 runs it (freed memory kept, see ``awd_nonnormal.utils.retain_freed_memory``), the same code with
@@ -220,6 +221,36 @@ def gemm_peak(repeats: int) -> Dict[str, float]:
     return out
 
 
+def orientation_check(repeats: int) -> list:
+    """The weight-gradient products a^T b over the T*B rows (grad W_ih: delta and x; the ensemble's
+    8-member batch of them), each backend in both orientations: rows of (label, backend, seconds
+    with the narrower operand on the left, seconds with the wider one on the left).
+    :func:`awd_nonnormal.rnn.row_contraction` puts the narrower one on the left."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    rows = []
+    for shape in SHAPES.values():
+        r, n, d = shape.T * shape.B, shape.N, shape.d
+        if n == d:
+            continue
+        delta, x = torch.randn(r, n), torch.randn(r, d)
+        narrow, wide = (x, delta) if d < n else (delta, x)
+        calls = max(3, int(5e7 / (r * n * d)))
+        for backend, fn in (("torch.mm", lambda p, q: torch.mm(p.t(), q)),
+                            ("oneDNN", lambda p, q: lp(p.t(), q.t(), None, "none", [], ""))):
+            t_narrow = _best_seconds(_many(lambda: fn(narrow, wide), calls), repeats) / calls
+            t_wide = _best_seconds(_many(lambda: fn(wide, narrow), calls), repeats) / calls
+            rows.append((f"{shape.name} grad W_ih", backend, t_narrow, t_wide))
+        if shape.name == "lm":  # the ensembles run the synthetic tasks only
+            continue
+        m = 8
+        narrow3, wide3 = narrow.expand(m, r, -1).contiguous(), wide.expand(m, r, -1).contiguous()
+        calls3 = max(1, calls // m)
+        t_narrow = _best_seconds(_many(lambda: torch.bmm(narrow3.transpose(1, 2), wide3), calls3), repeats) / calls3
+        t_wide = _best_seconds(_many(lambda: torch.bmm(wide3.transpose(1, 2), narrow3), calls3), repeats) / calls3
+        rows.append((f"{shape.name} grad W_ih, {m} members", "torch.bmm", t_narrow, t_wide))
+    return rows
+
+
 def activation_times(repeats: int) -> list:
     """Rows of (shape name, elements, {activation: seconds per in-place call}) at each shape's
     (B, N) step state: PyTorch's tanh_, the layer's tanh (NumPy's on CPU, :func:`tanh_`),
@@ -277,7 +308,8 @@ def rule_check(repeats: int) -> list:
         products = {  # name: (a, w) for a @ w^T, and (m, k, n)
             "input projection": ((x, w_ih), (r, d, n)),
             "grad input": ((delta, w_ih.t()), (r, n, d)),
-            "grad W_ih": ((delta.t(), x.t()), (n, r, d)),
+            # narrower operand on the left, as awd_nonnormal.rnn.row_contraction orders it
+            "grad W_ih": ((x.t(), delta.t()), (d, r, n)) if n > d else ((delta.t(), x.t()), (n, r, d)),
             "grad W_hh": ((delta.t(), h.t()), (n, r, n)),
         }
         for name, ((a, w), (pm, pk, pn)) in products.items():
@@ -526,6 +558,15 @@ def main(argv=None) -> None:
                   f"{faster:>7} {picked:>7}")
         print(f"the rule picked the faster backend for {agree} of {len(rows)} products"
               + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
+        rows = orientation_check(max(3, args.repeats // 2))
+        print()
+        print("weight-gradient products a^T b over the T*B rows: the narrower operand on the left "
+              "(the layer's order) against the wider one, us")
+        print(f"{'product':<30} {'backend':<10} {'narrow left':>12} {'wide left':>10} {'wide/narrow':>12}")
+        for label, backend, t_narrow, t_wide in rows:
+            print(f"{label:<30} {backend:<10} {t_narrow * 1e6:12.1f} {t_wide * 1e6:10.1f} {t_wide / t_narrow:12.2f}")
+        faster = sum(t_narrow <= t_wide for _, _, t_narrow, t_wide in rows)
+        print(f"the layer's order was the faster one for {faster} of {len(rows)} products")
     if args.activations and device.type == "cpu":
         rows = activation_times(max(3, args.repeats // 2))
         print()

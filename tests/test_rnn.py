@@ -527,3 +527,24 @@ def test_step_activations_write_each_step_in_place(nonlinearity):
     expected = {"tanh": torch.tanh, "relu": torch.relu, "elu": torch.nn.functional.elu,
                 "linear": lambda v: v}[nonlinearity](z)
     torch.testing.assert_close(h, expected, rtol=3e-7, atol=3e-7)
+
+
+@pytest.mark.parametrize("m,n", [(3, 7), (7, 3), (5, 5)])
+@pytest.mark.parametrize("backend", ["mm", "onednn"])
+def test_row_contraction_in_either_orientation(m, n, backend):
+    """a^T b summed over the rows, whichever operand the product puts on the left, 2-D (by
+    torch.mm or oneDNN) and 3-D (torch.bmm), against an explicit float64 sum of outer products."""
+    from awd_nonnormal.rnn import row_contraction
+
+    if backend == "onednn" and not HAS_ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN")
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(40, m, generator=g), torch.randn(40, n, generator=g)
+    expected = sum(torch.outer(a[r].double(), b[r].double()) for r in range(40))
+    got = row_contraction(a, b, onednn=backend == "onednn")
+    assert got.shape == (m, n)
+    _assert_close_relative(got.double(), expected, 1e-5)
+    a3, b3 = torch.stack([a, 2 * a]), torch.stack([b, -b])
+    got3 = row_contraction(a3, b3)
+    assert got3.shape == (2, m, n)
+    _assert_close_relative(got3.double(), torch.stack([expected, -2 * expected]), 1e-5)

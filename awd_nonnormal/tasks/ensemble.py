@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..checkpoint import save_checkpoint
-from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output
+from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output, row_contraction
 from ..runs import (CHECKPOINT_FILE, METRICS_FILE, Diverged, GracefulInterrupt, MetricsLog,
                     NonFiniteGuard, remove_stale_temporaries)
 from ..utils import resolve_device
@@ -212,10 +212,9 @@ class _EnsembleRNNFunction(torch.autograd.Function):
                 raise RuntimeError("the ensemble RNN does not differentiate its input")
             delta2 = delta.view(M, T_ * B, N)
             if need_wih:  # sum_t delta_t^T x_t, per member: (M, N, d)
-                grad_wih = torch.bmm(delta2.transpose(1, 2), x.reshape(M, T_ * B, d))
+                grad_wih = row_contraction(delta2, x.reshape(M, T_ * B, d))
             if need_whh:  # sum_{t>0} delta_t^T h_{t-1}, per member: (M, N, N)
-                grad_whh = torch.bmm(delta[:, 1:].reshape(M, -1, N).transpose(1, 2),
-                                     h[:, :-1].reshape(M, -1, N))
+                grad_whh = row_contraction(delta[:, 1:].reshape(M, -1, N), h[:, :-1].reshape(M, -1, N))
             if ctx.has_bias and need_b:
                 grad_b = delta2.sum(dim=1)  # (M, N)
         return grad_x, grad_wih, grad_whh, grad_b, None
