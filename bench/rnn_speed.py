@@ -70,8 +70,8 @@ from awd_nonnormal.rnn import (  # noqa: E402
     _uses_onednn,
     layer_path,
     onednn_available,
+    in_place_activation,
     rnn_reference,
-    tanh_,
 )
 from awd_nonnormal.utils import retain_freed_memory  # noqa: E402
 
@@ -253,16 +253,17 @@ def orientation_check(repeats: int) -> list:
 
 def activation_times(repeats: int) -> list:
     """Rows of (shape name, elements, {activation: seconds per in-place call}) at each shape's
-    (B, N) step state: PyTorch's tanh_, the layer's tanh (NumPy's on CPU, :func:`tanh_`),
+    (B, N) step state: PyTorch's tanh_, the layer's tanh (NumPy's on CPU,
+    :func:`~awd_nonnormal.rnn.in_place_activation`, as the oneDNN loop and ensembles call it),
     relu_ and elu_, on standard-normal values."""
     import torch.nn.functional as F
 
-    candidates = {"torch tanh_": torch.Tensor.tanh_, "layer tanh": tanh_,
-                  "relu_": torch.Tensor.relu_, "elu_": F.elu_}
     rows = []
     for shape in SHAPES.values():
         z = torch.randn(shape.B, shape.N)
         buf = z.clone()
+        candidates = {"torch tanh_": torch.Tensor.tanh_, "layer tanh": in_place_activation("tanh", buf),
+                      "relu_": torch.Tensor.relu_, "elu_": F.elu_}
         calls = max(50, int(2e7 / z.numel()))
         times = {}
         for name, fn in candidates.items():

@@ -513,6 +513,26 @@ def test_tanh_in_place_falls_back_to_torch_where_numpy_does_not_apply():
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_in_place_activation_decided_once_for_like_tensors(nonlinearity):
+    from awd_nonnormal.rnn import in_place_activation
+
+    z = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    expected = {"tanh": torch.tanh, "relu": torch.relu, "elu": torch.nn.functional.elu,
+                "linear": lambda v: v}[nonlinearity](z)
+    for like in (z, z.double()):
+        activate_ = in_place_activation(nonlinearity, like)
+        assert (activate_ is None) == (nonlinearity == "linear")
+        h = z.to(like.dtype, copy=True)
+        if activate_ is not None:
+            activate_(h)
+        torch.testing.assert_close(h, expected.to(like.dtype), rtol=3e-7, atol=3e-7)
+    if nonlinearity == "tanh":  # bfloat16: NumPy has no such dtype, so torch's own tanh_
+        h = z.bfloat16()
+        in_place_activation("tanh", h)(h)
+        assert torch.equal(h, torch.tanh(z.bfloat16()))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 def test_step_activations_write_each_step_in_place(nonlinearity):
     from awd_nonnormal.rnn import step_activations
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..checkpoint import save_checkpoint
-from ..rnn import ACTIVATIONS_IN_PLACE, derivative_from_output, row_contraction
+from ..rnn import derivative_from_output, row_contraction, step_activations
 from ..runs import (CHECKPOINT_FILE, METRICS_FILE, Diverged, GracefulInterrupt, MetricsLog,
                     NonFiniteGuard, remove_stale_temporaries)
 from ..utils import resolve_device
@@ -156,12 +156,13 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             else:
                 h = torch.bmm(x2, w_ih.transpose(1, 2))
             h = h.view(M, T_, B, N)
-            activate_ = ACTIVATIONS_IN_PLACE[nonlinearity]
             w_hh_t = w_hh.transpose(1, 2).contiguous()  # (M, N, N)
             # Each step is computed in a contiguous (M, B, N) block and then stored: an in-place
             # baddbmm_ on the strided slice falls back to one matmul per member (measured slower).
             steps = h.unbind(1)  # each (M, B, N), a strided view into the buffer
-            blocks = (h.new_empty(M, B, N), h.new_empty(M, B, N))
+            pair = h.new_empty(2, M, B, N)
+            blocks = pair.unbind(0)
+            activate_, block_views = step_activations(pair, nonlinearity)
             prev = None
             for t, h_t in enumerate(steps):
                 z = blocks[t % 2]
@@ -170,7 +171,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
                 else:
                     torch.baddbmm(h_t, prev, w_hh_t, out=z)  # z_t = u_t + h_{t-1} W_hh^T
                 if activate_ is not None:
-                    activate_(z)  # h_t = f(z_t)
+                    activate_(block_views[t % 2])  # h_t = f(z_t), in place
                 h_t.copy_(z)
                 prev = z
         ctx.save_for_backward(x, w_hh, h)
