@@ -568,3 +568,19 @@ def test_row_contraction_in_either_orientation(m, n, backend):
     got3 = row_contraction(a3, b3)
     assert got3.shape == (2, m, n)
     _assert_close_relative(got3.double(), torch.stack([expected, -2 * expected]), 1e-5)
+
+
+@pytest.mark.parametrize("impl", ["python", "onednn"])
+def test_step_loops_leave_no_inference_tensors(impl):
+    """The step loops run under torch.inference_mode(); what leaves the layer (outputs, the state
+    it saves, gradients) is ordinary autograd tensors, usable in further graphs."""
+    if impl == "onednn" and not HAS_ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN")
+    x, h0 = _inputs(1, dtype=torch.float32)
+    flat = [t.detach().float().requires_grad_() for t in _layer_tensors(1, True)]
+    out, h_n = rnn(x, h0, _group(flat, 1, True), "tanh", impl=impl)
+    assert not out.is_inference() and not h_n.is_inference()
+    loss = (out * out).sum() + h_n.sum() + out.sum()  # the output used twice in one graph
+    grads = torch.autograd.grad(loss, (x, h0, *flat))
+    assert not any(g.is_inference() for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..checkpoint import save_checkpoint
-from ..rnn import derivative_from_output, row_contraction, step_activations
+from ..rnn import derivative_from_output, row_contraction, step_activations, step_loop
 from ..runs import (CHECKPOINT_FILE, METRICS_FILE, Diverged, GracefulInterrupt, MetricsLog,
                     NonFiniteGuard, remove_stale_temporaries)
 from ..utils import resolve_device
@@ -164,16 +164,17 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             blocks = pair.unbind(0)
             activate_, block_views = step_activations(pair, nonlinearity)
             prev = None
-            for t, h_t in enumerate(steps):
-                z = blocks[t % 2]
-                if t == 0:
-                    z.copy_(h_t)  # z_0 = u_0 (h_0 = 0)
-                else:
-                    torch.baddbmm(h_t, prev, w_hh_t, out=z)  # z_t = u_t + h_{t-1} W_hh^T
-                if activate_ is not None:
-                    activate_(block_views[t % 2])  # h_t = f(z_t), in place
-                h_t.copy_(z)
-                prev = z
+            with step_loop():  # only in-place and out= calls on buffers made above
+                for t, h_t in enumerate(steps):
+                    z = blocks[t % 2]
+                    if t == 0:
+                        z.copy_(h_t)  # z_0 = u_0 (h_0 = 0)
+                    else:
+                        torch.baddbmm(h_t, prev, w_hh_t, out=z)  # z_t = u_t + h_{t-1} W_hh^T
+                    if activate_ is not None:
+                        activate_(block_views[t % 2])  # h_t = f(z_t), in place
+                    h_t.copy_(z)
+                    prev = z
         ctx.save_for_backward(x, w_hh, h)
         ctx.nonlinearity = nonlinearity
         ctx.has_bias = b is not None
@@ -197,16 +198,17 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             grads = grad_h.unbind(1)
             blocks = (h.new_empty(M, B, N), h.new_empty(M, B, N))
             nxt = None
-            for t in range(T_ - 1, -1, -1):
-                g = blocks[t % 2]
-                if t == T_ - 1:
-                    g.copy_(grads[t])
-                else:
-                    torch.baddbmm(grads[t], nxt, w_hh, out=g)  # g_t = grad_h[t] + delta_{t+1} W_hh
-                if not linear:
-                    g.mul_(deltas[t])  # delta_t = g_t * f'(z_t)
-                deltas[t].copy_(g)
-                nxt = g
+            with step_loop():
+                for t in range(T_ - 1, -1, -1):
+                    g = blocks[t % 2]
+                    if t == T_ - 1:
+                        g.copy_(grads[t])
+                    else:
+                        torch.baddbmm(grads[t], nxt, w_hh, out=g)  # g_t = grad_h[t] + delta_{t+1} W_hh
+                    if not linear:
+                        g.mul_(deltas[t])  # delta_t = g_t * f'(z_t)
+                    deltas[t].copy_(g)
+                    nxt = g
             need_x, need_wih, need_whh, need_b, _ = ctx.needs_input_grad
             grad_x = grad_wih = grad_whh = grad_b = None
             if need_x:
