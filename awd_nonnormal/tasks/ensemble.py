@@ -162,7 +162,7 @@ class _EnsembleRNNFunction(torch.autograd.Function):
             steps = h.unbind(1)  # each (M, B, N), a strided view into the buffer
             pair = h.new_empty(2, M, B, N)
             blocks = pair.unbind(0)
-            activate_, block_views = step_activations(pair, nonlinearity)
+            activate_, block_views = step_activations(pair, nonlinearity, blocks)
             prev = None
             with step_loop():  # only in-place and out= calls on buffers made above
                 for t, h_t in enumerate(steps):
