@@ -88,9 +88,10 @@ def _state(run_dir):
     return ck
 
 
-@pytest.mark.parametrize("stop_at", [(0, 1), (1, 2)])  # mid-epoch; last batch of an epoch
-def test_resume_equals_uninterrupted(tmp_path, stop_at):
-    c = tiny(init="orthogonal", init_scale=1.0, lr=3e-3)
+@pytest.mark.parametrize("stop_at,nonlinearity", [((0, 1), "elu"), ((1, 2), "elu"), ((0, 1), "tanh")])
+def test_resume_equals_uninterrupted(tmp_path, stop_at, nonlinearity):
+    """Mid-epoch and at the last batch of an epoch; tanh as well, whose steps run NumPy's tanh."""
+    c = tiny(init="orthogonal", init_scale=1.0, lr=3e-3, nonlinearity=nonlinearity)
     full = T.train(c, tmp_path / "full", OPTS)
 
     def hook(epoch, batch, loss):
