@@ -177,16 +177,23 @@ def exploded_in_first_epoch(tmp_path, data, model, seed=1):
     return record["exploded_batches"]
 
 
+SPIKE_SEEDS = (1, 2, 3)
+
+
 def test_elu_fbchain_spikes_in_the_first_steps_and_the_remedies_do_not(tmp_path, char_corpus, caplog):
     """The first-run model with elu (its activation before) spikes above 2 ln V within its first
     ~50 Adam steps on character text; with fbchain's alpha at 0.5 (--init-alpha 0.5) or with tanh
-    (the default of --model RNN, which the first-run command uses) no batch does. Fixed seed."""
+    (the default of --model RNN, which the first-run command uses) no batch does. Over seeds 1-3,
+    not one lucky seed: elu spiked for 5 of seeds 1-6 (1-4 batches each), the remedies for none."""
     caplog.set_level(logging.WARNING)
-    assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model(nonlinearity="elu")) > 0
+    elu = [exploded_in_first_epoch(tmp_path / f"elu{s}", char_corpus, first_run_model(nonlinearity="elu"), seed=s)
+           for s in SPIKE_SEEDS]
+    assert sum(n > 0 for n in elu) >= 2, elu
     assert "above 2 ln V" in caplog.text and "training is exploding" in caplog.text
-    assert exploded_in_first_epoch(tmp_path, char_corpus,
-                                   first_run_model(nonlinearity="elu", init=InitOptions("fbchain", {"alpha": 0.5}))) == 0
-    assert exploded_in_first_epoch(tmp_path, char_corpus, first_run_model()) == 0
+    half_alpha = first_run_model(nonlinearity="elu", init=InitOptions("fbchain", {"alpha": 0.5}))
+    for s in SPIKE_SEEDS:
+        assert exploded_in_first_epoch(tmp_path / f"half{s}", char_corpus, half_alpha, seed=s) == 0
+        assert exploded_in_first_epoch(tmp_path / f"tanh{s}", char_corpus, first_run_model(), seed=s) == 0
 
 
 def test_explosion_threshold_and_warning(tmp_path, caplog):
