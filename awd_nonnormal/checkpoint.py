@@ -42,7 +42,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "KINDS", "CheckpointError", "save_checkpoint",
+__all__ = ["FORMAT", "SCHEMA_VERSION", "KINDS", "CheckpointError", "InitialWeightsFileError", "save_checkpoint",
            "load_checkpoint", "save_initial", "load_initial", "atomic_write", "rng_state",
            "set_rng_state"]
 
@@ -58,6 +58,11 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(RuntimeError):
     """A file that is not a readable awd-nonnormal checkpoint."""
+
+
+class InitialWeightsFileError(CheckpointError):
+    """A run's initial-weights file (:func:`save_initial`) where a checkpoint was expected: ours,
+    but read through the checkpoints that name it, not on its own."""
 
 
 def _create_temp(folder: Path, name: str) -> str:
@@ -149,6 +154,9 @@ def load_checkpoint(path: PathLike, kind: Optional[str] = None) -> Dict[str, Any
                               f"{detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an awd-nonnormal checkpoint (no '{FORMAT}' format marker)")
+    if ckpt.get("kind") == INITIAL_KIND:
+        raise InitialWeightsFileError(f"{path}: a run's initial-weights file, not a checkpoint; it is read "
+                                      f"through the run's checkpoints (analyze.py CHECKPOINT --initial)")
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -55,7 +55,7 @@ from torch import Tensor
 from . import __version__
 from .analysis import (ACTIVATIONS, mean_sem, peak_order, pulse_deviation, shuffled_profiles, spectrum,
                        weight_profile)
-from .checkpoint import CheckpointError, load_checkpoint, load_initial
+from .checkpoint import CheckpointError, InitialWeightsFileError, load_checkpoint, load_initial
 from .init import GATES, HH_PATTERN, INIT_PARAMS, recurrent_layers
 from .runs import json_clean, write_text
 from .progress import progress_bar
@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AnalysisError", "PosthocConfig", "Report", "CHECKPOINT_PATTERNS", "DEFAULT_GROUP_BY",
-    "HEATMAP_ORDERS", "HEATMAP_CHOICES", "Layer", "find_layers", "measure_layers", "discover",
+    "HEATMAP_ORDERS", "HEATMAP_CHOICES", "Layer", "find_layers", "initial_mismatch", "measure_layers", "discover",
     "checkpoint_fields", "resolve_field", "mean_sem", "aggregate_layers", "run", "format_table",
 ]
 
@@ -144,15 +144,17 @@ class Layer:
     bias_hh: Optional[Tensor]
 
 
-def find_layers(tensors: Mapping[str, Tensor]) -> List[Layer]:
+def find_layers(tensors: Mapping[str, Tensor], where: str = "checkpoint") -> List[Layer]:
     """Every recurrent layer of a state_dict, in state_dict order, via
     :func:`awd_nonnormal.init.recurrent_layers`. A weight-drop wrapper's ``weight_hh_l{k}_raw`` is
-    the trained weight; should its module also hold a ``weight_hh_l{k}``, the raw one wins."""
+    the trained weight; should its module also hold a ``weight_hh_l{k}``, the raw one wins.
+    Raises :class:`CheckpointError` (naming ``where``) for a weight_hh whose shape is no cell's and
+    for input weights or biases that do not fit their weight_hh."""
     found: Dict[str, Layer] = {}
     try:
         layers = list(recurrent_layers(tensors))
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError(f"{where}: {exc}") from None
     for rl in layers:
         m = HH_PATTERN.match(rl.name)
         prefix = m["prefix"]
@@ -161,8 +163,48 @@ def find_layers(tensors: Mapping[str, Tensor]) -> List[Layer]:
         name = f"{prefix}l{m['layer']}{m['suffix']}"
         if name in found and not m["raw"]:
             continue
-        found[name] = Layer(name, rl.name, rl.cell, rl.weight_hh, rl.weight_ih, rl.bias_ih, rl.bias_hh)
+        layer = Layer(name, rl.name, rl.cell, rl.weight_hh, rl.weight_ih, rl.bias_ih, rl.bias_hh)
+        _check_fits(layer, where)
+        found[name] = layer
     return list(found.values())
+
+
+def _check_fits(layer: Layer, where: str) -> None:
+    """weight_ih (G*N, d) and the biases (G*N,) must match weight_hh (G*N, N)."""
+    rows = layer.weight_hh.shape[0]
+    hh = tuple(layer.weight_hh.shape)
+    ih = layer.weight_ih
+    if ih is not None and (ih.dim() != 2 or ih.shape[0] != rows):
+        raise CheckpointError(f"{where}: layer {layer.name}: weight_ih of shape {tuple(ih.shape)} does not "
+                              f"fit weight_hh of shape {hh} (it needs {rows} rows)")
+    for which, bias in (("bias_ih", layer.bias_ih), ("bias_hh", layer.bias_hh)):
+        if bias is not None and tuple(bias.shape) != (rows,):
+            raise CheckpointError(f"{where}: layer {layer.name}: {which} of shape {tuple(bias.shape)} does "
+                                  f"not fit weight_hh of shape {hh} (it needs ({rows},))")
+
+
+def initial_mismatch(initial: Mapping[str, Tensor], model_layers: Mapping[str, Layer],
+                     where: str = "checkpoint") -> Optional[str]:
+    """Why the initial weights ``initial`` (a state_dict of recurrent layers) cannot be the
+    initial state of the model whose layers (by name) are ``model_layers``, or None when they can:
+    the same layers, each of the same cell type and shape."""
+    try:
+        layers = {layer.name: layer for layer in find_layers(initial, f"{where} (initial weights)")}
+    except CheckpointError as exc:
+        return str(exc)
+    if set(layers) != set(model_layers):
+        return (f"the initial weights hold layers {sorted(layers) or 'none'}, the model "
+                f"{sorted(model_layers)}")
+    for name, layer in layers.items():
+        model = model_layers[name]
+        if layer.weight_hh.shape != model.weight_hh.shape:
+            return (f"layer {name}'s weight_hh is {tuple(layer.weight_hh.shape)} in the initial weights "
+                    f"but {tuple(model.weight_hh.shape)} in the model")
+        if (layer.weight_ih is not None and model.weight_ih is not None
+                and layer.weight_ih.shape != model.weight_ih.shape):
+            return (f"layer {name}'s weight_ih is {tuple(layer.weight_ih.shape)} in the initial weights "
+                    f"but {tuple(model.weight_ih.shape)} in the model")
+    return None
 
 
 def _plus1(offsets: Tensor, values: Tensor) -> float:
@@ -239,7 +281,7 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
     ``null_samples`` random unit orders give each gate's shuffled-order null of the profile at
     ``i - j = +1`` (none for 0).
     """
-    layers = find_layers(tensors)
+    layers = find_layers(tensors, where)
     if not layers:
         raise CheckpointError(f"{where}: no recurrent layer (no weight_hh_l<k>) in the weights")
     rnn_type = arch.get("rnn_type")
@@ -253,6 +295,10 @@ def measure_layers(tensors: Mapping[str, Tensor], arch: Mapping[str, Any], *, st
                                   f"{tuple(layer.weight_hh.shape)} is a {layer.cell}")
         if layer.weight_ih is None and fallback and layer.name in fallback:
             lender = fallback[layer.name]
+            if lender.weight_hh.shape != layer.weight_hh.shape:
+                raise CheckpointError(f"{where}: layer {layer.name} has no input weights and cannot borrow "
+                                      f"the model's: its weight_hh is {tuple(layer.weight_hh.shape)}, the "
+                                      f"model's {tuple(lender.weight_hh.shape)}")
             logger.warning("%s: layer %s has no input weights; the pulse uses the trained model's",
                            where, layer.name)
             layer = Layer(layer.name, layer.key, layer.cell, layer.weight_hh, lender.weight_ih,
@@ -601,6 +647,12 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             ckpt = _safe_load(cand.path)
             if not isinstance(ckpt["model"], Mapping):
                 raise CheckpointError(f"{where}: 'model' is not a state_dict")
+        except InitialWeightsFileError as exc:
+            if cand.explicit:
+                raise
+            logger.info("%s: left out (a run's initial weights; --initial reads them through its "
+                        "checkpoints)", where)
+            continue
         except CheckpointError as exc:
             _skip_unless_explicit(cand, exc, report)
             continue
@@ -639,7 +691,12 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             trained = measure_layers(ckpt["model"], ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
                                      seed=cfg.seed, null_samples=cfg.null_samples, where=where, tick=tick)
             if cfg.initial and has_initial:
-                lenders = {layer.name: layer for layer in find_layers(ckpt["model"])}
+                lenders = {layer.name: layer for layer in find_layers(ckpt["model"], where)}
+                mismatch = initial_mismatch(initial_tensors, lenders, where)
+                if mismatch is not None:
+                    has_initial = False
+                    initial_problem = f"has initial weights that do not fit its model ({mismatch})"
+            if cfg.initial and has_initial:
                 initial = measure_layers(initial_tensors, ckpt["arch"], steps=cfg.steps, jitter=cfg.jitter,
                                          seed=cfg.seed, null_samples=cfg.null_samples,
                                          where=f"{where} (initial_rnn)", fallback=lenders,

@@ -19,7 +19,7 @@ from torch import nn
 
 import analyze
 from awd_nonnormal import posthoc
-from awd_nonnormal.checkpoint import CheckpointError, save_checkpoint
+from awd_nonnormal.checkpoint import CheckpointError, save_checkpoint, save_initial
 from awd_nonnormal.init import apply_init, fbchain_
 from awd_nonnormal.posthoc import AnalysisError, PosthocConfig
 from awd_nonnormal.regularize import WeightDrop
@@ -426,8 +426,86 @@ def _bad_inputs(tmp_path):
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     (empty / "readme.txt").write_text("no checkpoints here")
+    tall_ih = _malformed(tmp_path / "tall_ih.pt", ih_rows=5)
+    initial_file = save_initial(tmp_path / "run.initial.pt", {"rnn.weight_hh_l0": torch.eye(4)})
     return marker, {"raw pickle": raw, "torch.save pickle": zipped, "truncated": truncated,
-                    "random bytes": noise, "folder without checkpoints": empty}
+                    "random bytes": noise, "folder without checkpoints": empty,
+                    "weight_ih of another height": tall_ih, "initial-weights file": initial_file}
+
+
+def _malformed(path, n=4, ih_rows=None, bias_len=None):
+    """A task checkpoint of a vanilla RNN whose weight_ih has ``ih_rows`` rows or whose bias_ih
+    has ``bias_len`` entries (weight_hh is (n, n))."""
+    model = {"rnn.weight_hh_l0": torch.eye(n), "rnn.weight_ih_l0": torch.ones(ih_rows or n, 2),
+             "rnn.bias_ih_l0": torch.zeros(bias_len or n)}
+    return save_checkpoint(path, kind="task", arch={"rnn_type": "RNN", "nonlinearity": "tanh"}, config={},
+                           model=model)
+
+
+def test_weights_that_do_not_fit_weight_hh_are_named_errors_and_skipped_in_folders(tmp_path):
+    """Input weights or biases of another size than weight_hh's rows: a one-line CheckpointError
+    naming the file and the layer for a named file; in a folder search the file is skipped with
+    that reason and the others are analysed."""
+    good = save_task(tmp_path / "runs" / "good.pt", layer_module("RNN", 2, 4, "chain"))
+    tall = _malformed(tmp_path / "runs" / "tall.pt", ih_rows=5)
+    long_bias = _malformed(tmp_path / "runs" / "bias.pt", bias_len=6)
+    with pytest.raises(CheckpointError, match=r"tall\.pt: layer rnn\.l0: weight_ih of shape \(5, 2\) does not fit"):
+        analyse([tall], tmp_path)
+    with pytest.raises(CheckpointError, match=r"bias\.pt: layer rnn\.l0: bias_ih of shape \(6,\)"):
+        analyse([long_bias], tmp_path)
+    rep = analyse([tmp_path / "runs"], tmp_path)
+    assert [r["path"] for r in rep.data["checkpoints"]] == [str(good)]
+    assert sorted(Path(p).name for p, _ in rep.skipped) == ["bias.pt", "tall.pt"]
+    assert all(why.startswith(p) for p, why in rep.skipped)       # the reason names its file
+    # a weight_hh of no cell's shape: the reason names the file too
+    bad_hh = save_checkpoint(tmp_path / "hh.pt", kind="task", arch={"rnn_type": "RNN"}, config={},
+                             model={"rnn.weight_hh_l0": torch.ones(5, 6), "rnn.weight_ih_l0": torch.ones(5, 2)})
+    with pytest.raises(CheckpointError, match=r"hh\.pt: .*cannot tell the cell type"):
+        analyse([bad_hh], tmp_path)
+
+
+def test_initial_weights_that_do_not_fit_the_model_are_reported_not_analysed(tmp_path, caplog):
+    """Initial weights of another size than the model's (in the file a checkpoint names, or
+    embedded without input weights, which would borrow the model's): the trained weights are
+    analysed, the initial ones are reported as unusable, with the reason."""
+    model = {k: v for k, v in layer_module("RNN", 2, 6, "chain").state_dict().items()}
+    small = layer_module("RNN", 2, 4, "chain").state_dict()
+    arch = {"rnn_type": "RNN", "nonlinearity": "tanh"}
+    save_initial(tmp_path / "other.initial.pt", {f"rnn.{k}": v for k, v in small.items()})
+    named = save_checkpoint(tmp_path / "named.pt", kind="task", arch=arch, config={},
+                            model={f"rnn.{k}": v for k, v in model.items()}, initial_rnn_file="other.initial.pt")
+    embedded = save_checkpoint(tmp_path / "embedded.pt", kind="task", arch=arch, config={},
+                               model={f"rnn.{k}": v for k, v in model.items()},
+                               initial_rnn={"rnn.weight_hh_l0": small["weight_hh_l0"]})
+    with caplog.at_level("WARNING", logger="awd_nonnormal.posthoc"):
+        rep = analyse([named, embedded], tmp_path, initial=True)
+    assert rep.missing_initial == [str(named), str(embedded)]
+    assert [c["initial"] for c in rep.data["checkpoints"]] == [None, None]
+    assert [c["layers"][0]["hidden_size"] for c in rep.data["checkpoints"]] == [6, 6]
+    assert caplog.text.count("weight_hh is (4, 4) in the initial weights but (6, 6) in the model") == 2
+    # the function itself: fitting weights give None
+    layers = {layer.name: layer for layer in posthoc.find_layers({f"rnn.{k}": v for k, v in model.items()})}
+    assert posthoc.initial_mismatch({f"rnn.{k}": v.clone() for k, v in model.items()}, layers) is None
+    assert "layers" in posthoc.initial_mismatch({}, layers)
+
+
+def test_a_runs_initial_weights_file_is_read_through_its_checkpoint_only(tmp_path, caplog):
+    """A language-model run folder holds NAME.initial.pt beside its checkpoints: a folder search
+    leaves it out without a warning (and reads it through the checkpoint with --initial); naming
+    it is a clear error."""
+    m = layer_module("RNN", 3, 5, "chain")
+    model = {f"rnns.0.{k}": v for k, v in m.state_dict().items()}
+    arch = {"rnn_type": "RNN", "nonlinearity": "tanh", "nlayers": 1, "input_size": 3, "hidden_sizes": [5]}
+    initial = save_initial(tmp_path / "lm" / "model.initial.pt", {k: v.clone() for k, v in model.items()})
+    save_checkpoint(tmp_path / "lm" / "model.pt", kind="lm", arch=arch, config={}, model=model, role="best",
+                    initial_rnn_file=initial.name)
+    with caplog.at_level("WARNING"):
+        rep = analyse([tmp_path / "lm"], tmp_path, initial=True)
+    assert rep.skipped == [] and "WARNING" not in caplog.text
+    assert [Path(c["path"]).name for c in rep.data["checkpoints"]] == ["model.pt"]
+    assert rep.data["checkpoints"][0]["initial"] is not None and rep.missing_initial == []
+    with pytest.raises(CheckpointError, match="initial-weights file, not a checkpoint"):
+        analyse([initial], tmp_path)
 
 
 def test_payload_is_real_but_never_runs_in_process(tmp_path):

@@ -42,3 +42,17 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--out" in lines[0] and "Traceback" not in out.stderr
     assert out.stdout == ""  # refused before the work
+
+
+def test_memory_pulse_norms_keep_float64_range():
+    """A chain with alpha = 3 carries the source pulse to unit k as 3^k e_k, so ||W^k e_0|| = 3^k:
+    1.7e47 at k = 99, beyond float32's range (the norms were once stored as float32: inf)."""
+    import torch
+
+    from awd_nonnormal.experiments import MemoryConfig, memory_curves
+
+    curves = {c.name: c for c in memory_curves(MemoryConfig(n=100, k_max=100, alpha=3.0))}
+    pulse = curves["chain"].pulse
+    assert pulse.dtype == torch.float64 and bool(torch.isfinite(pulse).all())
+    expected = torch.tensor([3.0 ** k for k in range(100)], dtype=torch.float64)
+    torch.testing.assert_close(pulse, expected, rtol=1e-12, atol=0)

@@ -75,7 +75,7 @@ def memory_curves(cfg: MemoryConfig) -> List[MemoryCurve]:
         for _ in range(cfg.k_max):
             norms.append(float(u.norm()))
             u = w @ u
-        out.append(MemoryCurve(name, fm.J, fm.J_tot, torch.tensor(norms)))
+        out.append(MemoryCurve(name, fm.J, fm.J_tot, torch.tensor(norms, dtype=torch.float64)))
     return out
 
 
