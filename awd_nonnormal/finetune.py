@@ -25,7 +25,8 @@ from typing import FrozenSet, Tuple
 from .checkpoint import CheckpointError, load_checkpoint, load_initial
 from .data import check_vocab, load_corpus
 from .lm import (LMError, RunExistsError, RunPaths, RunResult, TrainConfig, Trainer, _finish,
-                 _flat_settings, _make_optimizer, setting_flag, stored_configs)
+                 _flat_settings, _make_optimizer, claimed_run, refuse_existing_run, remove_old_run,
+                 setting_flag, stored_configs)
 from .runs import ResumeConflict, check_resume
 from .model import ModelConfig
 from .utils import resolve_device
@@ -103,33 +104,29 @@ def finetune(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
         raise RunExistsError(f"--save {paths.best} would write over the files of the source run "
                             f"{source}; a finetune is a new run: choose another --save "
                             f"(the default is {default_target(source)})")
-    if not train_cfg.overwrite:
-        existing = [str(p) for p in (paths.best, paths.latest) if p.exists()]
-        if existing:
-            raise RunExistsError(f"{', '.join(existing)} already exist(s): choose another --save, "
-                                 f"continue that run with --resume {paths.latest}, or pass --overwrite")
-    corpus = load_corpus(train_cfg.data)
-    check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(source), ntokens=model_cfg.ntoken)
-    logger.info("finetuning %s with averaged SGD (lr %g) into %s", source, train_cfg.lr, paths.best)
+    with claimed_run(paths):  # the same folder rules as main.py's runs: writable, one writer
+        refuse_existing_run(paths, train_cfg.overwrite)
+        corpus = load_corpus(train_cfg.data)
+        check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(source), ntokens=model_cfg.ntoken)
+        logger.info("finetuning %s with averaged SGD (lr %g) into %s", source, train_cfg.lr, paths.best)
 
-    trainer = Trainer(model_cfg, train_cfg, corpus, device, paths)
-    trainer.model.load_state_dict(ckpt["model"])
-    try:  # the source run's initial weights stay the reference of the weight analysis
-        trainer.initial_rnn = load_initial(ckpt, source)
-    except CheckpointError as exc:
-        logger.warning("%s; the finetune's checkpoints will name no initial weights", exc)
-        trainer.initial_rnn = None
-    trainer.provenance["finetuned_from"] = {"path": str(source), "epoch": ckpt.get("epoch"),
-                                            "val_loss": ckpt.get("val_loss")}
-    trainer.optimizer_name = "asgd"
-    trainer.optimizer = _make_optimizer("asgd", trainer.params, train_cfg.lr, train_cfg.wdecay)
-    del ckpt
-    if paths.metrics.exists():  # --overwrite: a new run starts a new metrics file
-        paths.metrics.unlink()
-    interrupted, where = trainer.fit()
-    st = trainer.state
-    if not paths.best.exists() or st.best_epoch == 0:
-        logger.warning("no epoch was validated, so there is no best model to test")
-        return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where)
-    val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device)
-    return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where)
+        trainer = Trainer(model_cfg, train_cfg, corpus, device, paths)
+        trainer.model.load_state_dict(ckpt["model"])
+        try:  # the source run's initial weights stay the reference of the weight analysis
+            trainer.initial_rnn = load_initial(ckpt, source)
+        except CheckpointError as exc:
+            logger.warning("%s; the finetune's checkpoints will name no initial weights", exc)
+            trainer.initial_rnn = None
+        trainer.provenance["finetuned_from"] = {"path": str(source), "epoch": ckpt.get("epoch"),
+                                                "val_loss": ckpt.get("val_loss")}
+        trainer.optimizer_name = "asgd"
+        trainer.optimizer = _make_optimizer("asgd", trainer.params, train_cfg.lr, train_cfg.wdecay)
+        del ckpt
+        remove_old_run(paths)  # --overwrite: a new run leaves nothing of the old one
+        interrupted, where = trainer.fit()
+        st = trainer.state
+        if not paths.best.exists() or st.best_epoch == 0:
+            logger.warning("no epoch was validated, so there is no best model to test")
+            return RunResult(paths, st.epoch - 1, 0, None, None, interrupted, where)
+        val_loss, test_loss, best_epoch = _finish(paths, corpus, train_cfg, device)
+        return RunResult(paths, st.epoch - 1, best_epoch, val_loss, test_loss, interrupted, where)

@@ -38,7 +38,8 @@ Differences from the reference code, on purpose: the criterion's parameters stay
 when it switches to ASGD; ASGD starts from the current learning rate (the reference restarted from
 ``--lr``, undoing ``--when`` divisions made before the switch); evaluation losses are averages over
 exactly the predicted tokens (the reference divided by one more row); the learning-rate scaling
-uses the batch's actual length (shorter at the end of the data); the training loss in the metrics is
+uses the batch's actual length (shorter at the end of the data) and reaches ASGD's step at hand
+(the reference's ASGD took the previous batch's scaling, see :func:`set_step_lr`); the training loss in the metrics is
 averaged over tokens rather than batches; non-finite values follow the one policy of
 :mod:`awd_nonnormal.runs` (a non-finite gradient norm skips the step; ``max_skipped_steps`` of
 those in a row or a non-finite loss end the run as diverged) instead of training on.
@@ -54,7 +55,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,7 @@ from torch import Tensor, nn
 from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, load_initial, rng_state, save_checkpoint,
                          save_initial, set_rng_state)
-from .data import Corpus, batchify, check_data, check_vocab, get_batch, load_corpus
+from .data import Corpus, DataError, batchify, check_data, check_vocab, get_batch, load_corpus
 from .init import INIT_PARAMS
 from .model import Hidden, ModelConfig, RNNModel, check_init, repackage_hidden
 from .runs import (Diverged, GracefulInterrupt, MetricsLog, NonFiniteGuard, ResumeConflict,
@@ -77,7 +78,8 @@ __all__ = [
     "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "RunPaths", "RunResult", "LMError",
     "ResumeError", "NonFiniteLossError", "RunExistsError", "Trainer", "evaluate", "run",
     "merge_resume_config", "should_switch_to_asgd", "loss_units", "activation_regularization",
-    "averaged_weights", "warmup_factor", "explosion_threshold", "stored_configs",
+    "averaged_weights", "warmup_factor", "explosion_threshold", "stored_configs", "set_step_lr",
+    "claimed_run", "refuse_existing_run", "remove_old_run",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -298,6 +300,35 @@ def _make_optimizer(name: str, params: List[nn.Parameter], lr: float, wdecay: fl
     raise ValueError(f"unknown optimizer {name!r}; valid choices: sgd, adam, asgd")
 
 
+def _batchify_split(data: torch.Tensor, batch_size: int, device: Optional[torch.device], split: str,
+                    flag: str, corpus: str) -> torch.Tensor:
+    """:func:`~awd_nonnormal.data.batchify`, its error naming the split and the flag to change."""
+    try:
+        return batchify(data, batch_size, device)
+    except DataError as exc:
+        raise DataError(f"{corpus}: the {split}: {exc} ({flag})") from None
+
+
+def set_step_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Make ``lr`` the learning rate of the next ``optimizer.step()`` (every group).
+
+    ``torch.optim.ASGD`` steps each parameter by its ``state["eta"]``, which its previous step set
+    from the group's learning rate of then (``eta = lr / (1 + lambd lr t)^alpha`` after t steps);
+    setting the group's ``lr`` alone would reach only the step after next, so each batch would
+    take the previous batch's ``seq_len / bptt`` scaling (as awd-lstm-lm's ASGD batches do). Here
+    ``eta`` is set as if the previous step had seen ``lr``: ``lr`` itself for ``lambd = 0``."""
+    asgd = isinstance(optimizer, torch.optim.ASGD)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if not asgd:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "eta" in state:  # no state before the first step: it starts from group["lr"]
+                t = float(state["step"])
+                state["eta"].fill_(lr / (1 + group["lambd"] * lr * t) ** group["alpha"])
+
+
 @contextlib.contextmanager
 def averaged_weights(optimizer: torch.optim.Optimizer):
     """Under ASGD, swap the averaged weights ``state[p]["ax"]`` into the parameters for the block
@@ -426,8 +457,13 @@ class Trainer:
         self.params: List[nn.Parameter] = list(self.model.parameters()) + list(self.criterion.parameters())
         self.optimizer_name = train_cfg.optimizer
         self.optimizer = _make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.wdecay)
-        self.train_data = batchify(corpus.train, train_cfg.batch_size, device)[:, self.lo:self.hi]  # (rows, B_rank)
-        self.val_data = batchify(corpus.valid, train_cfg.eval_batch_size, device)
+        self.train_data = _batchify_split(corpus.train, train_cfg.batch_size, device, "training split",
+                                          "--batch_size", train_cfg.data)[:, self.lo:self.hi]  # (rows, B_rank)
+        self.val_data = _batchify_split(corpus.valid, train_cfg.eval_batch_size, device, "validation split",
+                                        "--eval-batch-size", train_cfg.data)
+        # the test split is batched after training (_finish); a batch size too large for it fails now
+        _batchify_split(corpus.test, train_cfg.test_batch_size, None, "test split", "--test-batch-size",
+                        train_cfg.data)
         self.state = _State()
         # Extra checkpoint entries that say where the run came from (a finetune's source).
         self.provenance: Dict[str, Any] = {}
@@ -553,6 +589,36 @@ class Trainer:
         logger.info("resuming at epoch %d, batch %d (%s, lr %g, best validation loss %.4f)",
                     st.epoch, st.batch, self.optimizer_name, self.optimizer.param_groups[0]["lr"],
                     st.best_val)
+        if path is not None:
+            self._carry_best_model(Path(path))
+
+    def _carry_best_model(self, latest: Path) -> None:
+        """A run resumed from ``latest`` into another ``--save`` takes its best model so far along
+        (``DIR/NAME.pt`` beside ``DIR/NAME.latest.pt``), written to its new place as this run's
+        (its config, its initial-weights file): otherwise a run whose later epochs do not beat
+        that model would have no best model to test."""
+        st = self.state
+        source = Path(str(latest)[:-len(".latest.pt")] + ".pt") if latest.name.endswith(".latest.pt") else None
+        if st.best_epoch == 0 or (source is not None and source.resolve() == self.paths.best.resolve()):
+            return
+        if source is None or not source.is_file():
+            logger.warning("the best model so far (epoch %d) is not beside %s, so it cannot move to %s: "
+                           "this run tests a later epoch's model only if one validates better",
+                           st.best_epoch, latest, self.paths.best)
+            return
+        if not self.dist.is_main:
+            return
+        old = load_checkpoint(source, kind="lm")
+        common = self._common()  # writes the initial-weights file into the new folder if needed
+        extra = {k: v for k, v in old.items()
+                 if k not in ("format", "version", "kind", "arch", "config", "model", "initial_rnn",
+                              "initial_rnn_file", "test")}
+        if "initial_rnn_file" in common:
+            extra["initial_rnn_file"] = common["initial_rnn_file"]
+        save_checkpoint(self.paths.best, kind="lm", arch=old["arch"], config=common["config"],
+                        model=old["model"], **extra)
+        logger.info("the best model so far (epoch %d) moved from %s to %s", st.best_epoch, source,
+                    self.paths.best)
 
     def write_metrics_file(self) -> None:
         """Rewrite the metrics file from the state (on resume: the checkpoint is the truth)."""
@@ -601,7 +667,7 @@ class Trainer:
             seq_len = data.size(0)
             group = self.optimizer.param_groups[0]
             lr = group["lr"]
-            group["lr"] = lr * seq_len / cfg.bptt * warmup_factor(steps_before + st.batch + 1, cfg.warmup)
+            set_step_lr(self.optimizer, lr * seq_len / cfg.bptt * warmup_factor(steps_before + st.batch + 1, cfg.warmup))
             try:
                 hidden = repackage_hidden(st.hidden)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -847,6 +913,38 @@ def _finish(paths: RunPaths, corpus: Corpus, cfg: TrainConfig, device: torch.dev
     return float(ckpt["val_loss"]), test_loss, int(ckpt["epoch"])
 
 
+@contextlib.contextmanager
+def claimed_run(paths: RunPaths, *, lock: bool = True) -> Iterator[None]:
+    """The folder rules of every language-model run (``main.py``'s and a finetune's), for the
+    block that trains it: ``--save``'s folder must be writable (checked first), one process at a
+    time writes the run (``DIR/.NAME.lock``; :class:`~awd_nonnormal.runs.RunLocked` if another
+    has it) and temporary files that a killed write of this run left are removed. ``lock=False``
+    (the other ranks of a DDP job, whose rank 0 holds the lock) checks the folder only."""
+    check_output_file(paths.best, "--save")
+    if not lock:
+        yield
+        return
+    with RunLock(paths.lock, f"the run {paths.best}"):
+        remove_stale_temporaries(paths.best.parent, owns=paths.owns)
+        yield
+
+
+def refuse_existing_run(paths: RunPaths, overwrite: bool) -> None:
+    """:class:`RunExistsError` if the run at ``paths`` has files already, unless ``overwrite``."""
+    existing = [str(p) for p in (paths.best, paths.latest) if p.exists()]
+    if existing and not overwrite:
+        raise RunExistsError(f"{', '.join(existing)} already exist(s): choose another --save, "
+                             f"continue that run with --resume {paths.latest}, or pass --overwrite")
+
+
+def remove_old_run(paths: RunPaths) -> None:
+    """Delete every file of an earlier run at ``paths`` (``--overwrite``): its latest state would
+    resume it, and its snapshots and metrics would mix with the new run's."""
+    for f in sorted(paths.best.parent.iterdir()):
+        if paths.owns(f.name) and f.is_file():
+            f.unlink()
+
+
 def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str] = None,
         explicit: FrozenSet[str] = frozenset(),
         dist: distributed.Dist = distributed.SINGLE) -> RunResult:
@@ -888,11 +986,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Optional[str]
         raise LMError(f"--batch_size {train_cfg.batch_size} is smaller than the {dist.world} "
                       f"processes: every rank needs at least one batch column")
     paths = RunPaths.from_save(train_cfg.save)
-    check_output_file(paths.best, "--save")
-    if not dist.is_main:  # under DDP rank 0 holds the lock and writes for all ranks
-        return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths, dist)
-    with RunLock(paths.lock, f"the run {paths.best}"):
-        remove_stale_temporaries(paths.best.parent, owns=paths.owns)
+    with claimed_run(paths, lock=dist.is_main):  # under DDP rank 0 holds the lock and writes for all ranks
         return _run_locked(model_cfg, train_cfg, ckpt, resume, device, paths, dist)
 
 
@@ -901,11 +995,8 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
                 dist: distributed.Dist) -> RunResult:
     """:func:`run` from the point where the run holds its lock."""
     own = ckpt is not None and Path(resume).resolve() == paths.latest.resolve()
-    if not own and not train_cfg.overwrite:
-        existing = [str(p) for p in (paths.best, paths.latest) if p.exists()]
-        if existing:
-            raise RunExistsError(f"{', '.join(existing)} already exist(s): choose another --save, "
-                                 f"continue that run with --resume {paths.latest}, or pass --overwrite")
+    if not own:
+        refuse_existing_run(paths, train_cfg.overwrite)
     corpus = load_corpus(train_cfg.data)
     if ckpt is not None:
         check_vocab(corpus, ckpt.get("vocab_fingerprint"), str(resume), ntokens=model_cfg.ntoken)
@@ -913,8 +1004,8 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
     try:
         model_cfg = dataclasses.replace(model_cfg, ntoken=len(corpus.dictionary))
         model_cfg = dataclasses.replace(model_cfg, cutoffs=model_cfg.resolved_cutoffs)
-    except ValueError as exc:
-        raise LMError(str(exc)) from None
+    except ValueError as exc:  # a flag's value (--cutoffs) out of range for this corpus: a usage error
+        raise ValueError(str(exc)) from None
     if model_cfg.cutoffs:
         logger.info("adaptive softmax with cut-offs %s", list(model_cfg.cutoffs))
     logger.info("corpus %s: %d tokens in the vocabulary; train / valid / test %d / %d / %d tokens",
@@ -926,10 +1017,8 @@ def _run_locked(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Optional[D
         trainer.restore(ckpt, Path(resume))
         trainer.write_metrics_file()
         del ckpt
-    elif dist.is_main:  # --overwrite: no file of the old run is left (its latest state would resume it)
-        for f in sorted(paths.best.parent.iterdir()):
-            if paths.owns(f.name) and f.is_file():
-                f.unlink()
+    elif dist.is_main:  # --overwrite: no file of the old run is left
+        remove_old_run(paths)
     interrupted, where = trainer.fit()
     st = trainer.state
     seconds = sum(m["train_time_s"] for m in st.metrics)

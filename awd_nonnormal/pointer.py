@@ -151,6 +151,7 @@ def evaluate_with_cache(model: RNNModel, ids: Tensor, config: CacheConfig) -> Ca
     outputs, targets, nll, ends = stream_outputs(model, ids, config.bptt)
     log_cache = cache_log_probs(outputs.float(), targets, config.theta, config.window)
     mixed = mix_nll(nll, log_cache.to(nll.dtype), config.lambdasm)
+    mixed[:1] = nll[:1]  # the stream's first position has no history: p_vocab alone, not (1 - lambda) p_vocab
     return CacheResult(int(targets.numel()), _chunked_mean(nll, ends), _chunked_mean(mixed, ends))
 
 

@@ -14,7 +14,7 @@ import torch
 from awd_nonnormal import lm
 from awd_nonnormal.checkpoint import load_checkpoint, load_initial
 from awd_nonnormal.finetune import FinetuneError, default_target, finetune
-from awd_nonnormal.runs import RunExistsError
+from awd_nonnormal.runs import OutputError, RunExistsError, RunLocked
 from awd_nonnormal.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +96,49 @@ def test_finetune_command(source, tmp_path):
                            str(source.paths.latest)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "one of them" in both.stderr
     assert digests(source.paths.best.parent) == before
+
+
+HOLDER = """
+import sys, time
+from awd_nonnormal.runs import RunLock
+with RunLock(sys.argv[1], "test"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_finetune_keeps_the_run_folder_rules(source, tmp_path, monkeypatch):
+    """The rules of main.py's runs hold for a finetune's target (once it had none): --save's folder
+    is checked before any training, another process writing the target refuses the finetune, and
+    --overwrite leaves no file of the run it replaces (its snapshots included)."""
+    src = str(source.paths.best)
+    trained = []
+    real_fit = lm.Trainer.fit
+    monkeypatch.setattr(lm.Trainer, "fit", lambda self: trained.append(1) or real_fit(self))
+    (tmp_path / "file").write_text("x")
+    cfg = lm.TrainConfig(epochs=1, progress=False, save=str(tmp_path / "file" / "model.pt"))
+    with pytest.raises(OutputError, match="--save"):
+        finetune(src, ModelConfig(), cfg, explicit=frozenset({"epochs", "progress", "save"}))
+    assert trained == []
+    # another process holds the target's lock
+    target = tmp_path / "t" / "model.pt"
+    target.parent.mkdir()
+    lock = lm.RunPaths.from_save(str(target)).lock
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = lm.TrainConfig(epochs=1, progress=False, save=str(target))
+        with pytest.raises(RunLocked):
+            finetune(src, ModelConfig(), cfg, explicit=frozenset({"epochs", "progress", "save"}))
+        assert trained == [] and [p.name for p in target.parent.iterdir()] == [lock.name]
+    finally:
+        holder.kill()
+        holder.wait()
+    # --overwrite: an old snapshot of the target run does not survive
+    finetune(src, ModelConfig(), cfg, explicit=frozenset({"epochs", "progress", "save"}))
+    stale = target.with_name("model.e7.pt")
+    stale.write_bytes(target.read_bytes())
+    again = lm.TrainConfig(epochs=1, progress=False, save=str(target), overwrite=True)
+    finetune(src, ModelConfig(), again, explicit=frozenset({"epochs", "progress", "save", "overwrite"}))
+    assert not stale.exists() and target.exists()

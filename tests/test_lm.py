@@ -152,6 +152,29 @@ def test_averaged_weights_swaps_in_the_average_and_restores():
     assert torch.equal(p, live)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "asgd"])
+def test_the_step_learning_rate_applies_to_that_very_step(name):
+    """lm.set_step_lr(opt, lr) then opt.step(): the step is taken at lr, also under ASGD, which
+    steps by a state["eta"] that its previous step set (once each batch took the previous batch's
+    seq_len / bptt scaling). ASGD(t0=0, lambd=0) and SGD move by lr * grad; Adam's first step by
+    lr * sign(grad)."""
+    grad = torch.tensor([0.5, -2.0])
+    p = nn.Parameter(torch.zeros(2))
+    opt = lm._make_optimizer(name, [p], 1.0, 0.0)
+    expected = torch.zeros(2)
+    for lr in (1.0, 5 / 70, 1.0, 0.5, 0.01):
+        lm.set_step_lr(opt, lr)
+        p.grad = grad.clone()
+        opt.step()
+        if name == "adam":
+            expected = expected - lr * grad.sign()  # the first step; then just check the lr reached it
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+            break
+        expected = expected - lr * grad
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+        lm.set_step_lr(opt, 1.0)  # as the trainer restores the group's rate after each batch
+
+
 def test_variable_bptt_draws(corpus, tmp_path):
     mc, tc = configs(tmp_path, corpus, bptt=70)
     data = lm.load_corpus(corpus)
@@ -288,6 +311,27 @@ def test_asgd_switch_when_validation_stops_improving(tmp_path, corpus, monkeypat
     assert in_opt == {id(p) for p in t.model.parameters()} | {id(t.criterion.temperature)}
     assert t.criterion.temperature.grad is not None
     assert load_checkpoint(result.paths.best)["epoch"] == 5
+
+
+def test_a_run_resumed_into_another_save_takes_its_best_model_along(tmp_path, corpus, monkeypatch):
+    """--resume OLD/model.latest.pt --save NEW/model.pt: the best model so far moves to NEW (as
+    NEW's file, naming NEW's initial weights), so the run tests it even when no later epoch
+    validates better (before, it ended with no model to test)."""
+    scripted = iter([3.0, 2.5, 2.4, 9.0, 9.5, 2.45])  # epochs 1-2 and a test, then epochs 3-4 and the test
+    monkeypatch.setattr(lm, "evaluate", lambda *a, **kw: next(scripted))
+    mc, tc = configs(tmp_path, corpus, epochs=2)
+    first = run(mc, tc)
+    old_best = load_checkpoint(first.paths.best, kind="lm")
+    new_save = tmp_path / "moved" / "model.pt"
+    result = run(mc, dataclasses.replace(tc, epochs=4, save=str(new_save)), resume=str(first.paths.latest),
+                 explicit=frozenset({"epochs", "save"}))
+    assert result.best_epoch == 2 and result.test_loss == 2.45
+    best = load_checkpoint(new_save, kind="lm")
+    assert best["epoch"] == 2 and best["val_loss"] == 2.5 and best["test"]["loss"] == 2.45
+    assert all(torch.equal(best["model"][k], old_best["model"][k]) for k in old_best["model"])
+    assert best["config"]["train"]["save"] == str(new_save)
+    assert best["initial_rnn_file"] == "model.initial.pt" and (new_save.parent / "model.initial.pt").is_file()
+    assert load_initial(best, new_save).keys() == load_initial(old_best, first.paths.best).keys()
 
 
 def _with_criterion(base, criterion_cls, made):
@@ -468,6 +512,19 @@ def test_bad_inputs_write_nothing(tmp_path, corpus):
     assert not (tmp_path / "run").exists()
     mc, tc = configs(tmp_path, corpus, model=dict(init="chain:alpha=oops"))
     with pytest.raises(ValueError, match="oops"):
+        run(mc, tc)
+    assert not (tmp_path / "run").exists()
+    # --cutoffs beyond this corpus's vocabulary: an out-of-range flag, a usage error (exit 2)
+    from awd_nonnormal import cli
+
+    mc, tc = configs(tmp_path, corpus, model=dict(cutoffs=(10_000,)))
+    with pytest.raises(ValueError, match="below the vocabulary size") as info:
+        run(mc, tc)
+    assert cli.exit_code(info.value) == cli.EXIT_USAGE == 2
+    assert not (tmp_path / "run").exists()
+    # a test batch size too large for the test split: found before training, not after it
+    mc, tc = configs(tmp_path, corpus, test_batch_size=10_000)
+    with pytest.raises(DataError, match=r"the test split: batch size 10000 is too large.*--test-batch-size"):
         run(mc, tc)
     assert not (tmp_path / "run").exists()
     mc, tc = configs(tmp_path, corpus)

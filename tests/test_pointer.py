@@ -57,6 +57,21 @@ def test_cache_probabilities_match_a_slow_loop():
     assert torch.allclose(mixed, ref, atol=1e-12)
 
 
+def test_the_first_position_has_no_history_and_scores_p_vocab_alone():
+    """ids 3 5 5: position 0 (input 3, target 5) has no history, so its loss is the model's own;
+    position 1 (input 5, target 5) has one position of history, followed by 5, so p_cache = 1
+    and its loss is -log((1 - lambda) p_vocab + lambda)."""
+    from awd_nonnormal.pointer import stream_outputs
+
+    m = tiny(V=10)
+    ids = torch.tensor([3, 5, 5])
+    _, targets, nll, _ = stream_outputs(m, ids, 20)
+    assert targets.tolist() == [5, 5]
+    r = evaluate_with_cache(m, ids, CacheConfig(lambdasm=0.5, theta=1.0, window=5, bptt=20))
+    expected = (float(nll[0]) - math.log(0.5 * math.exp(-float(nll[1])) + 0.5)) / 2
+    assert r.cache_loss == pytest.approx(expected, rel=1e-6)  # float32 losses; 0.5 * log 2 = 0.35 apart otherwise
+
+
 def test_long_repeats_get_cheaper():
     V = 200
     m = tiny(V=V)
