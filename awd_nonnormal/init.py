@@ -476,7 +476,7 @@ def plan(spec: Union[str, InitSpec], cell: str, **params: ParamValue) -> Dict[st
     recurrent initializer that accepts them; ``scale`` also sets each initializer's gain (the one
     place that says which: ``register(..., gain=)``, read by :func:`gain_param`): ``alpha`` of
     ``chain``, ``beta`` of ``fbchain``, ``scale`` (lambda) of identity and orthogonal. A parameter
-    that no gate accepts is an error. Parameters written in the spec win over ``params``.
+    that no gate accepts is an error, and so is one that the spec writes with another value.
     """
     if cell not in GATES:
         raise InitSpecError(f"unknown cell type {cell!r}; known: {', '.join(GATES)}")
@@ -504,9 +504,17 @@ def plan(spec: Union[str, InitSpec], cell: str, **params: ParamValue) -> Dict[st
             gi = GateInit(name, {}, None)
         else:
             gi, spec_params = base[gate], parsed.base_params
-        # later sources win: preset defaults, then the caller's params, then the spec's own
-        rec_params = {**_route(gi.recurrent, gi.recurrent_params), **_route(gi.recurrent, params),
-                      **_route(gi.recurrent, spec_params)}
+        # later sources win: preset defaults, then the caller's params, then the spec's own; the
+        # caller's and the spec's must not disagree (a swept or flagged value would be ignored)
+        given, written = _route(gi.recurrent, params), _route(gi.recurrent, spec_params)
+        clash = sorted(k for k in given.keys() & written.keys() if given[k] != written[k])
+        if clash:
+            k = clash[0]
+            via = f" (through 'scale')" if k not in params and "scale" in params else ""
+            where = f" {spec!r}" if isinstance(spec, str) else ""
+            raise InitSpecError(f"{gi.recurrent}: {k} is {written[k]!r} in the init spec{where} and "
+                                f"{given[k]!r} as a parameter{via}; give it in one place")
+        rec_params = {**_route(gi.recurrent, gi.recurrent_params), **given, **written}
         _check_values(gi.recurrent, rec_params)
         used |= {k for k in params if k in rec_params or (k == "scale" and gain_param(gi.recurrent))}
         in_name = gi.input or input_init_for(gi.recurrent) or "normal"
@@ -705,7 +713,8 @@ class InitOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
-            raise InitSpecError(f"init spec must be a non-empty string, got {self.spec!r}")
+            raise InitSpecError(f"init spec must be a non-empty string, got {self.spec!r}; "
+                                f"known initializers and presets: {', '.join(available())}")
         unknown = set(self.params) - set(INIT_PARAMS)
         if unknown:
             raise InitSpecError(f"unknown init parameter(s) {', '.join(sorted(unknown))}; "

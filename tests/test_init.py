@@ -234,8 +234,8 @@ def test_params_and_generic_scale():
     I.apply_init(lstm, "mixed", alpha=1.1, eps=0.5)
     i, f, g, o = blocks(lstm.weight_hh_l0, 4)
     assert torch.allclose(g, expected_chain(N, 1.1)) and torch.allclose(i, expected_ramp(N, 0.5))
-    # spec parameters win over call parameters
-    I.apply_init(m, "chain:alpha=1.01", alpha=1.05)
+    # a spec parameter and a call parameter must agree (test_a_parameter_the_spec_also_writes_...)
+    I.apply_init(m, "chain:alpha=1.01", alpha=1.01)
     assert torch.allclose(m.weight_hh_l0, expected_chain(N, 1.01))
 
 
@@ -309,6 +309,23 @@ def test_bad_plans_are_clear_errors():
         I.apply_init(nn.Linear(3, 3), "chain")
     with pytest.raises(I.InitSpecError, match="unknown initializer 'nope'"):
         I.get("nope")
+    with pytest.raises(I.InitSpecError, match="non-empty string, got ''; known initializers and presets: .*chain"):
+        I.InitOptions("")
+
+
+def test_a_parameter_the_spec_also_writes_must_agree_with_it():
+    """A value written in the spec and another given as a parameter (a sweep's value, --init-alpha,
+    or --init-scale, which sets chain's alpha) is an error: one of them would be ignored."""
+    with pytest.raises(I.InitSpecError, match=r"chain: alpha is 1.02 in the init spec 'chain:alpha=1.02' "
+                                              r"and 1.05 as a parameter; give it in one place"):
+        I.plan("chain:alpha=1.02", "RNN", alpha=1.05)
+    with pytest.raises(I.InitSpecError, match=r"and 1.05 as a parameter \(through 'scale'\)"):
+        I.plan("chain:alpha=1.02", "RNN", scale=1.05)
+    with pytest.raises(I.InitSpecError, match="fbchain: beta is 0.3"):
+        I.plan("plain,h=fbchain:beta=0.3", "RNN", beta=0.2)
+    # the same value in both places, or a parameter the spec leaves alone, is fine
+    assert I.plan("chain:alpha=1.02", "RNN", alpha=1.02)["h"].recurrent_params["alpha"] == 1.02
+    assert I.plan("fbchain:alpha=1.1", "RNN", beta=0.2)["h"].recurrent_params == {"alpha": 1.1, "beta": 0.2}
 
 
 # ---------------------------------------------------------------- registry and plug-ins

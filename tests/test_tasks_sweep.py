@@ -96,6 +96,10 @@ def test_grid_file_errors(tmp_path):
         S.grid_from_args(grid_file=str(f))
     with pytest.raises(S.GridError, match="cannot read"):
         S.grid_from_args(grid_file=str(tmp_path / "missing.json"))
+    # a swept parameter that the model's own spec fixes would be ignored at every grid point
+    f.write_text(json.dumps({"models": {"mine": {"init": "chain:alpha=1.02", "alpha": [0.99, 1.05]}}}))
+    with pytest.raises(S.GridError, match="model mine: chain: alpha is 1.02 in the init spec"):
+        S.grid_from_args(grid_file=str(f))
 
 
 # --------------------------------------------------------------------------------------------

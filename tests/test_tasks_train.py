@@ -280,6 +280,10 @@ def test_config_defaults_and_errors():
         T.make_config(init="chian")
     with pytest.raises(I.InitSpecError, match="not accepted"):
         T.make_config(init="identity", init_beta=0.1)
+    with pytest.raises(I.InitSpecError, match="alpha is 1.02 in the init spec"):  # --init-scale sets alpha
+        T.make_config(init="chain:alpha=1.02", init_scale=1.05)
+    with pytest.raises((T.TaskError, I.InitSpecError), match="non-empty string"):  # --init= is not the default
+        T.make_config(init="")
     for kw, match in [(dict(lr=-1), "lr must be"), (dict(T=10), "T >= 21"),
                       (dict(clip_mode="x"), "clip mode"), (dict(task="psmnist", perm_seed="x"), "perm-seed"),
                       (dict(task="psmnist", T=100), "fixed length"), (dict(n_train=0), "n-train"),

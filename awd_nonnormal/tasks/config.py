@@ -316,7 +316,8 @@ _INIT_KEYS = tuple(f"init_{k}" for k in INIT_PARAMS) + ("init_plugins",)
 def _init_options(c: Dict[str, Any]) -> InitOptions:
     """Pop the init settings from ``c``: ``init`` (a spec, an InitOptions or its dict) and the
     flat ``init_scale``, ``init_alpha``, ``init_beta``, ``init_eps``, ``init_plugins``."""
-    base = InitOptions.from_dict(c.pop("init", None) or DEFAULT_INIT)
+    init = c.pop("init", None)
+    base = InitOptions.from_dict(DEFAULT_INIT if init is None else init)  # "" is an error, not the default
     params = dict(base.params)
     for k in INIT_PARAMS:
         value = c.pop(f"init_{k}", None)
