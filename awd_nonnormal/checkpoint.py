@@ -79,8 +79,9 @@ def _create_temp(folder: Path, name: str) -> str:
 
 def atomic_write(path: PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never half of one. The file gets the mode
-    of an ordinary new file (0666 less the umask)."""
+    ``path`` and fsync the folder (so that the rename, too, survives a power cut): readers see the
+    old file or the new one, never half of one. The file gets the mode of an ordinary new file
+    (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path.parent, path.name)
@@ -95,7 +96,22 @@ def atomic_write(path: PathLike, write) -> Path:
         except FileNotFoundError:
             pass
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entry list (POSIX); skipped where a folder cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename itself has happened
+        pass
+    finally:
+        os.close(fd)
 
 
 def _to_cpu(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -185,10 +185,16 @@ class MetricsLog:
             fh.write(_line(row))
 
     def read(self) -> List[Dict[str, Any]]:
+        """The rows; a last line without its newline (a process killed while appending it) is
+        left out with a warning: the run's checkpoint holds the rows, and a resume rewrites the
+        file from them."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines[-1].strip():
+            logger.warning("%s: its last line is incomplete (a write was interrupted); left out", self.path)
+        return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def _line(row: Mapping[str, Any]) -> str:

@@ -27,6 +27,23 @@ def test_round_trip_with_weights_only(tmp_path):
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_a_save_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """atomic_write fsyncs the temporary file before the rename and the folder after it, so the
+    new entry survives a power cut too."""
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    C.save_checkpoint(tmp_path / "run" / "a.pt", kind="task", arch={}, config={}, model={})
+    assert synced == [False, True]
+
+
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = write(tmp_path / "ckpt.pt", epoch=1)
     before = path.read_bytes()

@@ -69,6 +69,20 @@ def test_metrics_log_appends_and_resets_to_the_checkpoint(tmp_path):
     assert log.read()[-1] == {"epoch": 3, "loss": None}
 
 
+def test_metrics_log_leaves_out_a_last_line_cut_by_a_kill(tmp_path, caplog):
+    """A process killed while appending leaves a line without its newline; reading (a sweep's
+    summary, the plots) still works and leaves it out with a warning."""
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.reset([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}])
+    with open(log.path, "a", encoding="utf-8") as fh:
+        fh.write('{"epoch": 3, "lo')
+    with caplog.at_level("WARNING"):
+        assert log.read() == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}]
+    assert "last line is incomplete" in caplog.text
+    log.reset(log.read())  # a resume rewrites the file whole
+    assert log.path.read_text().endswith("\n") and len(log.read()) == 2
+
+
 def test_guard_skips_non_finite_norms_and_ends_a_run_of_them():
     g = NonFiniteGuard(max_skipped=3)
     assert g.allow_step(1.0, "a")
