@@ -20,13 +20,14 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .. import __version__
+from ..runs import RunError
 from .budgets import BUDGETS, BY_NAME, Budget
 from .sections import (Context, Section, cell, section_decoding, section_memory, section_table1, section_table2,
                        section_table3, section_tasks)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUDGETS", "REPORT_FILE", "TIMES_FILE", "TITLES", "reproduce", "render", "format_times", "machine_name",
+__all__ = ["BUDGETS", "REPORT_FILE", "ReproduceError", "TIMES_FILE", "TITLES", "reproduce", "render", "format_times", "machine_name",
            "code_version", "cpu_seconds"]
 
 REPORT_FILE = "REPORT.md"
@@ -148,14 +149,26 @@ def reproduce(budget: Union[str, Budget], out: Union[str, Path], *, device: str 
         if on_section is not None:
             on_section(section)
 
-    add(section_memory(ctx))
-    add(section_decoding(ctx))
-    tasks, summaries = section_tasks(ctx)
-    add(tasks)
-    add(section_table1(ctx))
-    add(section_table2(ctx, summaries))
-    add(section_table3(ctx))
+    try:
+        add(section_memory(ctx))
+        add(section_decoding(ctx))
+        tasks, summaries = section_tasks(ctx)
+        add(tasks)
+        add(section_table1(ctx))
+        add(section_table2(ctx, summaries))
+        add(section_table3(ctx))
+    except BaseException:
+        write(False)  # the time since the last finished section counts too (times.json)
+        raise
     write(True)
+    errors = [e for s in sections for e in s.errors]
+    if errors:
+        raise ReproduceError(f"{len(errors)} run(s) failed with an error and are left out of the report "
+                             f"{report} (first: {errors[0]}); fix the cause and run the same command again")
     return report
+
+
+class ReproduceError(RunError):
+    """The report was written, but some of its runs failed with an error (not a result)."""
 
 
