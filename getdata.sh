@@ -113,7 +113,11 @@ done
 if [[ "$MNIST_ITEMS" == any ]]; then
     MNIST_ITEMS_JSON="{}"
 elif [[ "$MNIST_ITEMS" =~ ^([0-9]+),([0-9]+)$ ]]; then
-    MNIST_ITEMS_JSON="{\"t10k\": ${BASH_REMATCH[2]}, \"train\": ${BASH_REMATCH[1]}}"
+    # Leading zeros dropped (05,3 -> 5,3): the counts are recorded as JSON numbers.
+    train_items="${BASH_REMATCH[1]#"${BASH_REMATCH[1]%%[!0]*}"}"
+    test_items="${BASH_REMATCH[2]#"${BASH_REMATCH[2]%%[!0]*}"}"
+    MNIST_ITEMS="${train_items:-0},${test_items:-0}"
+    MNIST_ITEMS_JSON="{\"t10k\": ${test_items:-0}, \"train\": ${train_items:-0}}"
 else
     usage_error "--mnist-items expects TRAIN,TEST (e.g. 60000,10000) or 'any', got '$MNIST_ITEMS'"
 fi

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,10 @@ def pyplot():
 
 
 def _integer_ticks():
+    """Integer ticks only, also when the view holds a single integer (one epoch, say: by default
+    MaxNLocator falls back to fractional ticks when it finds fewer than two integers)."""
     from matplotlib.ticker import MaxNLocator
-    return MaxNLocator(integer=True)
+    return MaxNLocator(integer=True, min_n_ticks=1)
 
 
 def save(fig, path: PathLike) -> Path:
@@ -65,9 +67,11 @@ def memory_figure(curves, path: PathLike) -> Path:
     return save(fig, path)
 
 
-def decoding_figure(rows, path: PathLike) -> Path:
-    """Figures 2, 7, 8: R^2 of decoding s_1 from h_100, chain vs orthogonal, per condition,
-    in-sample (solid) and held-out (hatched). ``rows`` are ``DecodingRow`` tuples."""
+def decoding_figure(rows, path: PathLike, *, steps: Optional[int] = None) -> Path:
+    """Figures 2, 7, 8: R^2 of decoding s_1 from h_steps (the paper: h_100), chain vs orthogonal,
+    per condition, in-sample (solid) and held-out (hatched). ``rows`` are ``DecodingRow`` tuples;
+    ``steps`` is the ``DecodingConfig.steps`` they were decoded at (the y label; None: the label
+    names the last state without a step)."""
     plt = pyplot()
     conditions = []
     for r in rows:
@@ -89,7 +93,8 @@ def decoding_figure(rows, path: PathLike) -> Path:
                    label=f"{model}, held out" if ci == 0 else None)
     ax.set_xticks(range(len(conditions)))
     ax.set_xticklabels([f"{nl}\n" + (f"sigma={noise:g}" if noise else "no noise") for nl, noise in conditions])
-    ax.set(ylabel="R^2 of s_1 from h_100", ylim=(0, 1.05), title="Linear decoding of a past input")
+    source = f"h_{steps}" if steps is not None else "the last state"
+    ax.set(ylabel=f"R^2 of s_1 from {source}", ylim=(0, 1.05), title="Linear decoding of a past input")
     ax.legend(fontsize=8, ncol=2)
     return save(fig, path)
 
@@ -98,12 +103,15 @@ def decoding_figure(rows, path: PathLike) -> Path:
 # Post-hoc analysis of checkpoints (paper Figures 5-6; analyze.py)
 # --------------------------------------------------------------------------------------------
 
-def weight_profile_figure(panels, path: PathLike, *, title: str = "", max_offset=20) -> Path:
+def weight_profile_figure(panels, path: PathLike, *, title: str = "", max_offset=20,
+                          panel: str = "gate") -> Path:
     """Figures 5-6: mean recurrent weight against the order difference ``i - j`` of units ordered
-    by their peak time, one panel per gate. ``panels`` maps a panel title (the gate) to a list of
-    curves ``(label, offsets, mean, sem)``; each is drawn as a line with a shaded +- s.e.m. band
-    (no band where the s.e.m. is undefined, n = 1). ``max_offset`` limits the x axis to
-    ``[-max_offset, max_offset]``; None shows every offset."""
+    by their peak time, one panel per gate (or per model). ``panels`` maps a panel name (the gate)
+    to a list of curves ``(label, offsets, mean, sem)``; each is drawn as a line with a shaded
+    +- s.e.m. band (no band where the s.e.m. is undefined, n = 1). A panel is titled
+    ``"{panel} {name}"`` ("gate g"), or its name alone when ``panel`` is empty (Figure 5's
+    "identity", "orthogonal"). ``max_offset`` limits the x axis to ``[-max_offset, max_offset]``;
+    None shows every offset."""
     import numpy as np
     plt = pyplot()
     names = list(panels)
@@ -125,7 +133,7 @@ def weight_profile_figure(panels, path: PathLike, *, title: str = "", max_offset
                                 color=style["color"], alpha=0.25, lw=0)
         ax.axhline(0.0, color="k", lw=0.5)
         ax.axvline(0.0, color="k", lw=0.5, linestyle=":")
-        ax.set(title=f"gate {name}", xlabel="order difference i - j")
+        ax.set(title=f"{panel} {name}" if panel else str(name), xlabel="order difference i - j")
         if max_offset is not None:
             ax.set_xlim(-max_offset, max_offset)
     axes[0][0].set_ylabel("mean weight W[i, j]")
@@ -185,17 +193,23 @@ def weight_heatmap_figure(rows, path: PathLike, *, title: str = "", order: str =
 def task_loss_curves(curves, baseline: float, path: PathLike, *, title: str = "") -> Path:
     """Figure 3a-c: validation loss per epoch of each model's best config, mean +- s.e.m. over
     seeds (shaded), with the random baseline dashed. ``curves`` maps a model name to
-    ``{"epoch": [...], "mean": [...], "sem": [...]}``."""
+    ``{"epoch": [...], "mean": [...], "sem": [...]}``. Curves of few epochs are drawn with
+    markers (a one-epoch curve is a single point); the epoch ticks are integers."""
     import numpy as np
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    epochs = []
     for name, c in curves.items():
         epoch = np.asarray(c["epoch"], dtype=float)
         mean = np.asarray(c["mean"], dtype=float)
         sem = np.asarray(c["sem"], dtype=float)
+        epochs.extend(epoch.tolist())
         color = _MODEL_COLORS.get(name)
-        ax.plot(epoch, mean, label=name, color=color)
+        ax.plot(epoch, mean, label=name, color=color, marker="o" if len(epoch) <= 30 else None,
+                markersize=4)
         ax.fill_between(epoch, mean - sem, mean + sem, color=color, alpha=0.25, linewidth=0)
+    if epochs and max(epochs) - min(epochs) < 1:  # one epoch: room around it, not +- 5 %
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="random baseline")
     ax.set(xlabel="epoch", ylabel="validation loss", yscale="log",
            title=f"{title}: best configuration per model" if title else "best configuration per model")

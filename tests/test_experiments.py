@@ -33,6 +33,13 @@ def test_bad_arguments_are_clean_errors(tmp_path):
     assert out.returncode == 2 and "spectral radius" in out.stderr and "Traceback" not in out.stderr
     out = run("decoding", "--trials", "0")
     assert out.returncode == 2 and "must be positive" in out.stderr
+    # --heldout-trials is split in halves, one to fit and one to score (an R^2 needs 2 trials)
+    for n in ("1", "3"):
+        out = run("decoding", "--heldout-trials", n, "--out", str(tmp_path / "d.png"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--heldout-trials must be at least 4" in lines[0]
+        assert out.stdout == "" and not (tmp_path / "d.png").exists()
 
 
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
@@ -56,3 +63,11 @@ def test_memory_pulse_norms_keep_float64_range():
     assert pulse.dtype == torch.float64 and bool(torch.isfinite(pulse).all())
     expected = torch.tensor([3.0 ** k for k in range(100)], dtype=torch.float64)
     torch.testing.assert_close(pulse, expected, rtol=1e-12, atol=0)
+
+
+def test_decoding_config_needs_two_trials_in_each_held_out_half():
+    from awd_nonnormal.experiments import DecodingConfig
+
+    with pytest.raises(ValueError, match="at least 4"):
+        DecodingConfig(heldout_trials=3)
+    assert DecodingConfig(heldout_trials=4).heldout_trials == 4

@@ -205,6 +205,22 @@ def test_second_run_skips_and_leaves_files_alone(mirror, tmp_path):
     assert prepare.is_complete(dest / "enwik8", {"test_bytes": 50})
 
 
+def test_mnist_items_with_leading_zeros(mirror, tmp_path):
+    # 05,3 is 5,3: recorded as valid JSON numbers, so the folder is complete and a rerun (with
+    # either spelling) skips it instead of preparing it again.
+    dest = tmp_path / "data"
+    r = getdata("--mirror", mirror, "--dest", dest, "--mnist-items", "05,003", "mnist")
+    assert r.returncode == 0, r.stderr
+    assert "usage" not in r.stderr and "Traceback" not in r.stderr
+    assert prepare.is_complete(dest / "mnist", {"items": MNIST_ITEMS})
+    before = snapshot(dest)
+    for items in ("05,003", "5,3"):
+        r = getdata("--mirror", mirror, "--dest", dest, "--mnist-items", items, "mnist")
+        assert r.returncode == 0 and "skipping" in r.stderr, r.stderr
+        assert "usage" not in r.stderr
+    assert snapshot(dest) == before
+
+
 def test_incomplete_folders_are_redone(mirror, tmp_path):
     dest = tmp_path / "data"
     assert getdata("--mirror", mirror, "--dest", dest, "penn", "wikitext-2").returncode == 0

@@ -92,6 +92,10 @@ class DecodingConfig:
     heldout_trials: int = 4000   # fit on one half, score on the other
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.heldout_trials < 4:  # each half needs 2 trials: one to fit, an R^2 over the other
+            raise ValueError(f"heldout_trials must be at least 4 (split in halves), got {self.heldout_trials}")
+
 
 #: (nonlinearity, noise sigma): Figure 2a-c and Figures 7-8.
 CONDITIONS: Tuple[Tuple[str, float], ...] = (

@@ -43,7 +43,7 @@ def _decoding(args: argparse.Namespace) -> None:
     for r in rows:
         cond = f"{r.nonlinearity}, " + (f"sigma={r.noise:g}" if r.noise else "no noise")
         print(f"{cond:<22}{r.model:<12}{r.in_sample:>14.3f}{r.held_out:>13.3f}")
-    print(f"figure: {plots.decoding_figure(rows, args.out)}")
+    print(f"figure: {plots.decoding_figure(rows, args.out, steps=cfg.steps)}")
 
 
 PROG = "python -m awd_nonnormal.experiments"
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     c.add_argument("--steps", type=int, default=d2.steps, help="decode s_1 from h_steps (default %(default)s)")
     c.add_argument("--trials", type=int, default=d2.trials, help="trials for the in-sample fit (default %(default)s)")
     c.add_argument("--heldout-trials", type=int, default=d2.heldout_trials,
-                   help="trials for the held-out estimate, split in halves (default %(default)s)")
+                   help="trials for the held-out estimate, split in halves, at least 4 (default %(default)s)")
     c.add_argument("--seed", type=int, default=d2.seed, help="seed (default %(default)s)")
     c.add_argument("--out", default="figures/linear_decoding.png", help="PNG path (default %(default)s)")
     c.set_defaults(run=_decoding)
@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     for name in ("n", "steps", "trials", "heldout_trials", "k_max"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.command == "decoding" and args.heldout_trials < 4:
+        # fitted on one half, scored on the other: an R^2 needs at least 2 scored trials
+        parser.error(f"--heldout-trials must be at least 4 (split in halves, one to fit and one "
+                     f"of at least 2 trials to score), got {args.heldout_trials}")
 
     def command() -> int:
         check_output_file(args.out, "--out")  # before the work, not after it

@@ -111,7 +111,7 @@ def section_decoding(ctx: Context) -> Section:
     from ..experiments import DecodingConfig, linear_decoding
     cfg = DecodingConfig(**ctx.budget.decoding)
     rows = linear_decoding(cfg)
-    fig = plots.decoding_figure(rows, ctx.out / "fig2_linear_decoding.png")
+    fig = plots.decoding_figure(rows, ctx.out / "fig2_linear_decoding.png", steps=cfg.steps)
     by = {}
     for r in rows:
         by.setdefault((r.nonlinearity, r.noise), {})[r.model] = r
@@ -589,7 +589,7 @@ def section_table2(ctx: Context, summaries: Mapping[str, Any]) -> Section:
                 curves.append((f"initial (n={ist['n']})", ist["profile"]["offsets"], ist["profile"]["mean"],
                                ist["profile"]["sem"]))
             panels[init] = curves
-        fig = plots.weight_profile_figure(panels, ctx.out / f"fig5_{task}_profiles.png",
+        fig = plots.weight_profile_figure(panels, ctx.out / f"fig5_{task}_profiles.png", panel="",
                                           title=f"{task}: weight profiles of trained normal networks")
         figures.append(fig.name)
         cmd = (f"python analyze.py {' '.join(shlex.quote(f) for f in folders)} --group-by init --initial "
