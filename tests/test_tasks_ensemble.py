@@ -355,3 +355,24 @@ def test_keras_loss_member_and_exact_member(tmp_path):
     model = _ckpt(tmp_path / "k")["model"]
     assert torch.equal(model["rnn.bias_hh_l0"], torch.zeros(100))
     assert model["rnn.bias_ih_l0"].abs().max() > 0
+
+
+def test_a_member_that_cannot_start_leaves_its_ensemble_mates_training(tmp_path):
+    """isolate=True (the sweeps): a damaged run folder gives that member an error outcome and the
+    others train exactly as an ensemble without it; by default the problem is raised. Before, the
+    whole ensemble failed on every rerun."""
+    good = [tiny(**MEMBERS[i]) for i in range(2)]
+    bad_dir = tmp_path / "x"
+    bad_dir.mkdir()
+    (bad_dir / T.CONFIG_FILE).write_text('{"config": {"task": "copy"}}')  # damaged
+    dirs = [tmp_path / "a", bad_dir, tmp_path / "b"]
+    configs = [good[0], tiny(lr=1e-3, seed=7), good[1]]
+    with pytest.raises(Exception):
+        E.train_ensemble(configs, dirs, OPTS)
+    outs = E.train_ensemble(configs, dirs, OPTS, isolate=True)
+    assert outs[1].result is None and outs[1].error and outs[1].run_dir == bad_dir
+    assert [outs[0].result["status"], outs[2].result["status"]] == ["completed", "completed"]
+    assert outs[0].error is None and outs[2].error is None
+    ref = E.train_ensemble(good, [tmp_path / "ref" / n for n in ("a", "b")], OPTS)
+    losses = lambda o: [(r["train_loss"], r["val_loss"]) for r in o.metrics]  # noqa: E731
+    assert [losses(outs[0]), losses(outs[2])] == [losses(o) for o in ref]

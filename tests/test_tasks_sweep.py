@@ -346,3 +346,190 @@ def test_summarize_uses_the_stored_sweep(tmp_path, capsys):
     after = _files(out)
     assert after["summary.json"][0] != before["summary.json"][0]
     assert after["sweep.json"] == before["sweep.json"]
+
+
+# --------------------------------------------------------------------------------------------
+# dead processes, interrupted summaries, dry runs without data
+
+
+def _killer_plugin(tmp_path):
+    """An initializer that SIGKILLs the worker process running it, once (a marker file
+    remembers), and never in this test process: a worker lost to the out-of-memory killer."""
+    plugin = tmp_path / "killer_init.py"
+    plugin.write_text(
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from awd_nonnormal.init import register\n"
+        f"MARK = Path({str(tmp_path / 'killed')!r})\n"
+        f"DRIVER = {os.getpid()}\n\n"
+        "@register('test_sweep_killer', gain='scale', override=True)\n"
+        "def killer_(w, scale: float = 1.0):\n"
+        "    if os.getpid() != DRIVER and not MARK.exists():\n"
+        "        MARK.write_text('killed')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    with torch.no_grad():\n"
+        "        return torch.nn.init.orthogonal_(w, gain=scale)\n")
+    return plugin
+
+
+def test_a_killed_worker_fails_its_runs_and_the_sweep_writes_its_summary(tmp_path, capsys, caplog):
+    plugin = str(_killer_plugin(tmp_path))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "16", "--n-val",
+            "8", "--epochs", "1", "--no-progress", "--models", "test_sweep_killer", "--lr",
+            "1e-3,1e-2,1e-1", "--seeds", "1", "--init-plugin", plugin, "--workers", "2",
+            "--out", str(out)]
+    assert cli.main(argv) == 1  # no BrokenProcessPool traceback: failed runs, exit status 1
+    assert (tmp_path / "killed").exists()  # a worker did die
+    err = capsys.readouterr().err.strip()
+    assert "run(s) failed" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "worker process died" in caplog.text and (out / "summary.json").is_file()
+    assert all(r.exc_info is None for r in caplog.records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["test_sweep_killer"]["finished"] < 3
+    # the same command runs the failed runs again (the marker keeps the workers alive now)
+    assert cli.main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["models"]["test_sweep_killer"]["finished"] == 3
+
+
+def _children(pid):
+    kids = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                text = open(f"/proc/{stat}/stat").read()
+            except OSError:
+                continue
+            if int(text.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat))
+    return kids
+
+
+def _alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_workers_stop_and_exit_when_the_sweep_process_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from awd_nonnormal.runs import LOCK_FILE, RunLock
+    out = tmp_path / "sweep"
+    log = tmp_path / "log"
+    argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "60000",
+            "--n-val", "8", "--epochs", "1", "--no-progress", "--models", "chain", "--values",
+            "chain=1.0", "--lr", "1e-3,1e-2", "--seeds", "1", "--workers", "2", "--out", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(log, "w") as fh:
+        main = subprocess.Popen([sys.executable, "-m", "awd_nonnormal.tasks", *argv], cwd=root,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    workers = []
+    try:
+        runs = [out / "chain" / f"alpha1-lr{lr}-seed1" for lr in ("0.001", "0.01")]
+        deadline = time.time() + 120
+        while not all((r / T.CHECKPOINT_FILE).exists() for r in runs) and time.time() < deadline:
+            time.sleep(0.2)
+        workers.extend(_children(main.pid))
+        assert len(workers) >= 2 and main.poll() is None, log.read_text()
+        time.sleep(1)  # inside the training loop
+        main.kill()  # SIGKILL: no chance to tell its workers
+        main.wait()
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), log.read_text()
+    finally:
+        main.kill()
+        for w in workers:  # (old code: workers left behind)
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    text = log.read_text()
+    assert text.count("checkpoint saved") == 2 and "is gone" in text, text
+    for r in runs:  # not finished, and free for the rerun
+        assert not T.is_finished(r)
+        with RunLock(r / LOCK_FILE, str(r)):
+            pass
+
+
+def test_a_summary_stopped_while_drawing_is_drawn_again(tmp_path, monkeypatch):
+    from awd_nonnormal import plots
+    grid = S.grid_from_args(models="chain", lrs="1e-3,1e-4", seeds="1", values=["chain=1.0"])
+    plan = S.plan_sweep(grid, TINY, tmp_path)
+    _fake_run(plan.runs[0].run_dir, 0.8, curve=[0.9, 0.8])
+    assert S.write_summary(S.summarize(plan), tmp_path)
+    _fake_run(plan.runs[1].run_dir, 0.3, curve=[0.5, 0.3])  # a new best config
+    draw = plots.task_loss_curves
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "task_loss_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        S.write_summary(S.summarize(plan), tmp_path)
+    monkeypatch.setattr(plots, "task_loss_curves", draw)
+    written = S.write_summary(S.summarize(plan), tmp_path)  # not "unchanged": drawn again
+    assert {p.name for p in written} == {"summary.csv", "summary.json", "best_curves.png",
+                                         "success_counts.png"}
+    assert S.write_summary(S.summarize(plan), tmp_path) == []
+
+
+def test_an_old_best_curves_figure_goes_when_no_model_has_a_best_curve(tmp_path):
+    grid = S.grid_from_args(models="chain", lrs="1e-3,1e-4", seeds="1", values=["chain=1.0"])
+    plan = S.plan_sweep(grid, TINY, tmp_path)
+    for r in plan.runs:
+        _fake_run(r.run_dir, 0.8, curve=[0.9, 0.8])
+    assert S.write_summary(S.summarize(plan), tmp_path)
+    assert (tmp_path / "best_curves.png").is_file()
+    # every run diverged: no best curve, and the old figure does not stay beside the new texts
+    for r in plan.runs:
+        (r.run_dir / T.RESULT_FILE).write_text(json.dumps(
+            {"status": "diverged", "final_val_loss": None, "min_val_loss": None, "baseline": 1.0,
+             "success": False, "epochs_run": 1}))
+    written = S.write_summary(S.summarize(plan), tmp_path)
+    assert written and not (tmp_path / "best_curves.png").exists()
+    assert (tmp_path / "success_counts.png").is_file()
+    assert S.write_summary(S.summarize(plan), tmp_path) == []
+
+
+def test_psmnist_dry_run_without_data_beside_a_stored_psmnist_sweep(tmp_path, capsys):
+    from test_tasks_train import _write_mnist
+    _write_mnist(tmp_path / "mnist")
+    argv = ["sweep", "--task", "psmnist", "--hidden", "4", "--n-train", "8", "--n-val", "4",
+            "--epochs", "1", "--models", "chain", "--lr", "1e-3", "--seeds", "1", "--values",
+            "chain=1.0", "--no-progress", "--out", str(tmp_path / "s")]
+    assert cli.main(argv + ["--mnist-dir", str(tmp_path / "mnist")]) == 0
+    capsys.readouterr()
+    stored = (tmp_path / "s" / S.SWEEP_FILE).read_text()
+    assert cli.main(argv + ["--mnist-dir", str(tmp_path / "none"), "--dry-run"]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "1 runs (0 finished)" in out and "getdata.sh mnist" in out
+    assert (tmp_path / "s" / S.SWEEP_FILE).read_text() == stored  # a dry run writes nothing
+    # with the data the plan counts the finished run; other settings are still refused
+    assert cli.main(argv + ["--mnist-dir", str(tmp_path / "mnist"), "--dry-run"]) == 0
+    assert "1 runs (1 finished)" in capsys.readouterr().out
+    argv[argv.index("--epochs") + 1] = "2"
+    assert cli.main(argv + ["--mnist-dir", str(tmp_path / "none"), "--dry-run"]) == 3
+    assert "epochs: 1 vs 2" in capsys.readouterr().err
+
+
+def test_one_damaged_run_does_not_keep_its_ensemble_mates_from_training(tmp_path):
+    """--ensemble 3 with one damaged run folder: that run fails (exit 1) and the other five
+    finish, as without --ensemble; before, its whole ensemble failed on every rerun."""
+    out = tmp_path / "sw"
+    damaged = out / "chain" / "alpha1-lr0.001-seed1"
+    damaged.mkdir(parents=True)
+    (damaged / T.CONFIG_FILE).write_text('{"config": {"task": "copy"}}')
+    argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "16", "--n-val", "8",
+            "--epochs", "1", "--models", "chain", "--lr", "1e-3,1e-2,1e-1", "--seeds", "1,2",
+            "--values", "chain=1.0", "--threads", "1", "--no-progress", "--ensemble", "3", "--out", str(out)]
+    assert cli.main(argv) == 1
+    finished = sorted(p.parent.name for p in out.glob("chain/*/result.json"))
+    assert len(finished) == 5 and damaged.name not in finished

@@ -601,7 +601,7 @@ def _check_members(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Path]) ->
 
 def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str, Path]],
                    options: T.RunOptions = T.RunOptions(), *,
-                   on_batch: Optional[BatchHook] = None) -> List[T.RunOutcome]:
+                   on_batch: Optional[BatchHook] = None, isolate: bool = False) -> List[T.RunOutcome]:
     """Train the runs ``configs`` (in ``run_dirs``) as one batched ensemble; one
     :class:`.train.RunOutcome` per run, in order.
 
@@ -613,25 +613,61 @@ def train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: Sequence[Union[str
     :class:`KeyboardInterrupt`. ``on_batch(epoch, batch, losses)`` is called after every
     optimizer step with the 0-based epoch and batch and ``{run_dir: loss}`` of the members in
     the batch (for tests and tools).
+
+    With ``isolate`` (the sweeps), a member that cannot start (its folder locked by another
+    process, holding another config or a damaged file, its data changed) gets an outcome with
+    ``error`` set and no result, and the others train: one broken run must not keep its ensemble
+    mates from training, as it would on every rerun (the groups form the same way each time).
+    Without it, the first such problem is raised.
     """
     run_dirs = [Path(d) for d in run_dirs]
-    configs = [T.identify_data(c, options) for c in configs]
+    failed: Optional[Dict[int, str]] = {} if isolate else None
+    configs = [_isolated(failed, i, run_dirs[i], T.identify_data, c, options) or c
+               for i, c in enumerate(configs)]
     _check_members(configs, run_dirs)
     with contextlib.ExitStack() as locks:
-        for run_dir in run_dirs:  # as train() does: one writer per run, no leftovers
-            locks.enter_context(T.run_lock(run_dir))
-            remove_stale_temporaries(run_dir)
-        return _train_ensemble(configs, run_dirs, options, on_batch)
+        for i, run_dir in enumerate(run_dirs):  # as train() does: one writer per run, no leftovers
+            if failed is None or i not in failed:
+                _isolated(failed, i, run_dir, _claim, locks, run_dir)
+        return _train_ensemble(configs, run_dirs, options, on_batch, failed)
 
 
-def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path],
-                    options: T.RunOptions, on_batch: Optional[BatchHook]) -> List[T.RunOutcome]:
+def _claim(locks: contextlib.ExitStack, run_dir: Path) -> bool:
+    locks.enter_context(T.run_lock(run_dir))
+    remove_stale_temporaries(run_dir)
+    return True
+
+
+def _isolated(failed: Optional[Dict[int, str]], i: int, run_dir: Path, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``; with ``failed`` (isolating members) an exception is recorded as member
+    ``i``'s error (and logged) and None returned, else it propagates."""
+    if failed is None:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the member's own problem, reported as its outcome
+        failed[i] = f"{type(exc).__name__}: {exc}"
+        logger.error("%s: cannot train it with its ensemble: %s", run_dir, failed[i])
+        return None
+
+
+def _train_ensemble(configs: Sequence[T.TaskConfig], run_dirs: List[Path], options: T.RunOptions,
+                    on_batch: Optional[BatchHook], failed: Optional[Dict[int, str]] = None) -> List[T.RunOutcome]:
     device = resolve_device(options.device)
     datasets: Dict[Any, Tuple[Any, Any, Any]] = {}
     outcomes: Dict[int, T.RunOutcome] = {}
     groups: Dict[Tuple[int, int], List[Tuple[int, Member, torch.nn.Module]]] = {}
     for i, (config, run_dir) in enumerate(zip(configs, run_dirs)):
-        member, model, outcome = _prepare(config, run_dir, options, device, datasets)
+        if failed is None:
+            prepared = _prepare(config, run_dir, options, device, datasets)
+        elif i in failed:  # it could not be claimed
+            prepared = None
+        else:
+            prepared = _isolated(failed, i, run_dir, _prepare, config, run_dir, options, device, datasets)
+        if prepared is None:
+            outcomes[i] = T.RunOutcome(run_dir, None, error=failed[i])
+            continue
+        member, model, outcome = prepared
         if outcome is not None:
             outcomes[i] = outcome
         else:

@@ -17,14 +17,20 @@ baseline) out of all runs (panels d-f).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import multiprocessing
+import os
 import re
 import signal
+import sys
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,6 +40,7 @@ import numpy as np
 from .. import cli
 from .. import init as initmod
 from ..analysis import mean_sem
+from ..lmgrid import _die_with_parent
 from ..progress import progress_bar
 from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries, write_json, write_text
 from ..utils import parse_number
@@ -398,6 +405,9 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
     data (:func:`_folder`), so one ``out`` holds the sweep on several data sets side by side; the
     plan (and ``sweep.json``, the summary) covers the data in ``base`` only. A stored sweep made
     before sweeps recorded their data keeps its plain folder names (its data are unknown).
+    Settings without a fingerprint beside a stored sweep that has one (``--dry-run`` without the
+    data files: the data are unknown) are no conflict: the plan uses plain folder names, and so
+    counts none of the stored sweep's runs as finished.
 
     Raises :class:`~.train.RunConflict` if ``out`` holds a sweep of other task settings."""
     out = Path(out)
@@ -418,6 +428,10 @@ def plan_sweep(grid: Grid, base: Mapping[str, Any], out: Union[str, Path]) -> Sw
             old = upgrade_config_dict(old)  # a sweep from before the rule settings: as it ran
         if old is not None and old.get("data_fingerprint") is not None and data is not None:
             old = {**old, "data_fingerprint": data}  # other data may join: in folders of their own
+        elif old is not None and old.get("data_fingerprint") is not None and data is None:
+            # data unknown here (a dry run without the data files): planned as a sweep of its own
+            # data, in plain folders, where no run of the stored sweep is counted as finished
+            old = {k: v for k, v in old.items() if k != "data_fingerprint"}
         if (old is not None and old.get("data_fingerprint") is None
                 and settings.get("data_fingerprint") is not None
                 and {**old, "data_fingerprint": settings["data_fingerprint"]} == settings):
@@ -520,16 +534,53 @@ def check_stored_sweep(grid: Grid, settings: Mapping[str, Any], given: Mapping[s
 
 # Set in each worker process: the sweep's stop event (the main process sets it on Ctrl-C).
 _STOP = None
+# Held in a process while it trains (:func:`_run_one`, :func:`_run_group`): a worker whose sweep
+# process died exits only between runs, after the run in progress has saved its checkpoint.
+_TRAINING = threading.Lock()
+# How often (seconds) a worker looks whether its sweep process is still there.
+PARENT_POLL = 1.0
 
 
-def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop) -> None:
+def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop,
+                 parent: Optional[int] = None) -> None:
     """Worker set-up: one torch thread, logging, plug-ins. Workers ignore SIGINT between runs;
     the main process asks them to stop through ``stop`` (and a run in progress also sees the
-    terminal's Ctrl-C through its own handler): the run saves its checkpoint and returns."""
+    terminal's Ctrl-C through its own handler): the run saves its checkpoint and returns.
+
+    A worker is tied to the sweep process ``parent``: were that killed (SIGKILL), the worker would
+    otherwise train on holding its run locks, then wait forever for work, and a rerun would find
+    those runs locked. On Linux the kernel sends the worker SIGINT when its parent dies
+    (``PR_SET_PDEATHSIG``, as :mod:`awd_nonnormal.lmgrid` does for its children); everywhere a
+    thread also watches the parent process id (:func:`_watch_parent`), sets ``stop`` and ends the
+    worker once its run has saved its checkpoint."""
     global _STOP
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        if sys.platform.startswith("linux"):
+            _die_with_parent()
+        threading.Thread(target=_watch_parent, args=(parent, stop), name="watch-sweep-process",
+                         daemon=True).start()
     _worker_setup(threads, level, plugins)
+
+
+def _watch_parent(parent: int, stop, poll: Optional[float] = None) -> None:
+    """In a pool worker: wait until the sweep process ``parent`` is gone (this process gets
+    another parent), then stop the run in progress after its current batch (checkpoint saved,
+    lock released), cancel the queued ones and exit: nobody is left to take their results."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL if poll is None else poll)
+    logger.warning("worker %d: the sweep process (pid %d) is gone; stopping (the run in "
+                   "progress saves its checkpoint)", os.getpid(), parent)
+    stop.set()
+    with _TRAINING:
+        logging.shutdown()
+        os._exit(1)
+
+
+def _training():
+    """In a pool worker, :data:`_TRAINING` (held while a run trains); elsewhere nothing."""
+    return _TRAINING if _STOP is not None else contextlib.nullcontext()
 
 
 def _worker_setup(threads: int, level: int, plugins: Tuple[str, ...]) -> None:
@@ -554,6 +605,11 @@ def _run_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple
     """Train one run; an error becomes a message (the sweep goes on). In this process Ctrl-C
     propagates; in a worker, a stop request ends the run after its current batch (checkpoint
     saved) and makes the runs still queued return at once."""
+    with _training():
+        return _train_one(config, run_dir, options)
+
+
+def _train_one(config: T.TaskConfig, run_dir: str, options: T.RunOptions) -> Tuple[str, Optional[Dict[str, Any]], Optional[str]]:
     stop = _STOP
     if stop is not None and stop.is_set():
         return run_dir, None, "cancelled"
@@ -579,6 +635,12 @@ def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
                options: T.RunOptions) -> List[Tuple[str, Optional[Dict[str, Any]], Optional[str]]]:
     """Train the runs as one ensemble (:func:`.ensemble.train_ensemble`); one
     ``(run_dir, result, error)`` per run, as :func:`_run_one` gives for one."""
+    with _training():
+        return _train_group(configs, run_dirs, options)
+
+
+def _train_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
+                 options: T.RunOptions) -> List[Tuple[str, Optional[Dict[str, Any]], Optional[str]]]:
     stop = _STOP
     if stop is not None and stop.is_set():
         return [(d, None, "cancelled") for d in run_dirs]
@@ -588,9 +650,10 @@ def _run_group(configs: Sequence[T.TaskConfig], run_dirs: Sequence[str],
             raise KeyboardInterrupt
 
     try:
-        outcomes = E.train_ensemble(configs, run_dirs, options,
+        # isolate: a member that cannot start fails alone; its ensemble mates train
+        outcomes = E.train_ensemble(configs, run_dirs, options, isolate=True,
                                     on_batch=check_stop if stop is not None else None)
-        return [(d, o.result, None) for d, o in zip(run_dirs, outcomes)]
+        return [(d, o.result, o.error) for d, o in zip(run_dirs, outcomes)]
     except KeyboardInterrupt:
         if stop is None:
             raise
@@ -707,17 +770,31 @@ def _run_sweep(plan: SweepPlan, options: T.RunOptions, workers: int, threads: in
             stop = ctx.Event()
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                         initargs=(threads, max(level, logging.WARNING), plugins,
-                                                  stop)) as pool:
+                                                  stop, os.getpid())) as pool:
                 if groups:
-                    futures = [pool.submit(_run_group, [r.config for r in g],
-                                           [str(r.run_dir) for r in g], run_options) for g in groups]
+                    futures = {pool.submit(_run_group, [r.config for r in g],
+                                           [str(r.run_dir) for r in g], run_options):
+                               [str(r.run_dir) for r in g] for g in groups}
                 else:
-                    futures = [pool.submit(_run_one, r.config, str(r.run_dir), run_options)
-                               for r in pending]
+                    futures = {pool.submit(_run_one, r.config, str(r.run_dir), run_options):
+                               [str(r.run_dir)] for r in pending}
                 try:
+                    broken = False
                     for fut in cf.as_completed(futures):
-                        items = fut.result()
-                        for item in (items if groups else [items]):
+                        try:
+                            items = fut.result() if groups else [fut.result()]
+                        except BrokenProcessPool as exc:
+                            # A worker was killed (SIGKILL, the out-of-memory killer): the pool
+                            # ends every run that had not reported; they fail like any broken run
+                            # (the sweep goes on to its summary) and a rerun resumes them.
+                            if not broken:
+                                logger.error("a worker process died (killed?); the runs that had "
+                                             "not finished are reported as failed: %s",
+                                             cli.one_line(exc))
+                                broken = True
+                            items = [(d, None, f"worker process died: {cli.one_line(exc)}")
+                                     for d in futures[fut]]
+                        for item in items:
                             done(*item)
                 except BaseException:
                     stop.set()
@@ -852,7 +929,12 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     """``summary.csv`` (one row per config), ``summary.json`` and the two Figure 3 panels
     (``best_curves.png``, ``success_counts.png``) in ``out``; returns the paths written. When the
     files there already hold this summary, nothing is rewritten (their dates stay as they were)
-    and the list is empty."""
+    and the list is empty.
+
+    The old texts are removed, the figures drawn and the texts written last, so a process
+    stopped on the way leaves no texts that match figures it did not draw, and the next call
+    draws everything again (the check for "unchanged" compares the texts and the figures' names). With no best curve to draw (every run
+    diverged or none finished), a ``best_curves.png`` left from an earlier summary is removed."""
     from .. import plots
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -873,16 +955,23 @@ def write_summary(summary: Mapping[str, Any], out: Union[str, Path]) -> List[Pat
     curves = {name: m["best_curve"] for name, m in summary["models"].items()
               if m["best_curve"] and m["best_curve"]["epoch"]}
     figures = ([out / "best_curves.png"] if curves else []) + [out / "success_counts.png"]
-    if all(_read(path) == text for path, text in texts.items()) and all(f.is_file() for f in figures):
+    stale = None if curves else out / "best_curves.png"
+    if (all(_read(path) == text for path, text in texts.items())
+            and all(f.is_file() for f in figures) and not (stale and stale.exists())):
         return []
 
-    paths = [write_text(path, text) for path, text in texts.items()]
+    for path in texts:  # until the figures are drawn, no text may say they match it
+        path.unlink(missing_ok=True)
+    paths = []
+    if stale is not None and stale.exists():
+        stale.unlink()
+        logger.info("removed %s: no model has a best curve", stale)
     if curves:
         paths.append(plots.task_loss_curves(curves, summary["baseline"], out / "best_curves.png",
                                             title=title))
     counts = {name: (m["successes"], m["runs"]) for name, m in summary["models"].items()}
     paths.append(plots.task_success_counts(counts, out / "success_counts.png", title=title))
-    return paths
+    return [write_text(path, text) for path, text in texts.items()] + paths
 
 
 def _read(path: Path) -> Optional[str]:

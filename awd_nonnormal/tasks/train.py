@@ -314,6 +314,7 @@ class RunOutcome:
     skipped: bool = False      # the run had finished before; nothing was trained
     resumed_from: Optional[Tuple[int, int]] = None  # (epoch, batch) of the checkpoint resumed
     metrics: List[Dict[str, Any]] = field(default_factory=list)
+    error: Optional[str] = None  # an ensemble member that could not start (result None)
 
 
 def model_batch(dataset, index: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
