@@ -57,12 +57,13 @@ Done = Callable[[str, Any, Optional[str]], None]
 
 def run_tasks(fn: Callable[..., Any], jobs: Sequence[Tuple[str, tuple]], done: Done, *,
               address: Optional[str] = None, num_cpus: float = 1, num_gpus: float = 0,
-              max_retries: int = 2) -> Dict[str, str]:
+              max_retries: int = 2, stop_grace: float = 660) -> Dict[str, str]:
     """Run ``fn(*args)`` for every ``(key, args)`` of ``jobs`` as a Ray task with ``num_cpus``
     CPUs and ``num_gpus`` GPUs; ``done(key, result, error)`` is called here as each one ends.
     A task whose worker process dies is retried up to ``max_retries`` times, then reported
     (``error``); an exception inside ``fn`` is reported at once. Returns ``{key: error}``.
-    Ctrl-C cancels the tasks (each running one gets a KeyboardInterrupt and saves its state)."""
+    Ctrl-C cancels the tasks (each running one gets a KeyboardInterrupt and saves its state) and
+    waits up to ``stop_grace`` seconds for them to end before it is raised again."""
     ray = connect(address)
     remote = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                                     retry_exceptions=False)
@@ -85,9 +86,15 @@ def run_tasks(fn: Callable[..., Any], jobs: Sequence[Tuple[str, tuple]], done: D
                     errors[key] = error
                 done(key, result, error)
     except BaseException:
-        logger.warning("stopping: cancelling %d Ray task(s); running runs save their checkpoints",
-                       len(pending))
+        logger.warning("stopping: cancelling %d Ray task(s); running runs save their checkpoints "
+                       "(Ctrl-C again to stop waiting for them)", len(pending))
         for ref in pending:
             ray.cancel(ref)
+        # Wait for the cancelled tasks to end: a driver that leaves now may take its local Ray
+        # instance, and with it the workers whose runs are still saving, down with it.
+        if pending:
+            _, left = ray.wait(pending, num_returns=len(pending), timeout=stop_grace)
+            if left:
+                logger.warning("%d cancelled Ray task(s) still running after %g s", len(left), stop_grace)
         raise
     return errors

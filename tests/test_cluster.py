@@ -121,3 +121,20 @@ def test_language_model_grid_through_ray(tmp_path, ray_session):
     assert stats["ran"] == 1 and not stats["errors"]
     assert "test" in load_checkpoint(save, kind="lm")
     assert G.run_grid(runs, ROOT / "main.py", executor="ray")["skipped"] == 1
+
+
+def test_a_cancelled_language_model_run_lets_its_child_save(tmp_path, ray_session):
+    # Ctrl-C under --executor ray cancels the task: its main.py child must get one SIGINT and the
+    # time to save, not be killed 0.25 s later (nor, SIGINT blocked in the worker, never see it)
+    from awd_nonnormal import lmgrid as G
+    from test_lmgrid import _fake_main, _wait_for
+    (run,) = G.parse_grid(f"--save {tmp_path / 'r' / 'model.pt'}\n")
+    ref = ray_session.remote(G.run_line).options(max_retries=0).remote(run, str(_fake_main(tmp_path)))
+    _wait_for(tmp_path / "r" / "model.started", 60)
+    ray_session.cancel(ref)
+    ready, _ = ray_session.wait([ref], timeout=20)
+    assert ready  # the task ended once its child had saved
+    with pytest.raises(ray_session.exceptions.TaskCancelledError):
+        ray_session.get(ref)
+    assert (tmp_path / "r" / "model.saved").read_text() == "1"
+    assert not (tmp_path / "r" / "model.ended").exists()
