@@ -510,7 +510,7 @@ def plan(spec: Union[str, InitSpec], cell: str, **params: ParamValue) -> Dict[st
         clash = sorted(k for k in given.keys() & written.keys() if given[k] != written[k])
         if clash:
             k = clash[0]
-            via = f" (through 'scale')" if k not in params and "scale" in params else ""
+            via = " (through 'scale')" if k not in params and "scale" in params else ""
             where = f" {spec!r}" if isinstance(spec, str) else ""
             raise InitSpecError(f"{gi.recurrent}: {k} is {written[k]!r} in the init spec{where} and "
                                 f"{given[k]!r} as a parameter{via}; give it in one place")

@@ -647,7 +647,7 @@ def run(args: Sequence[str], cfg: PosthocConfig = PosthocConfig()) -> Report:
             ckpt = _safe_load(cand.path)
             if not isinstance(ckpt["model"], Mapping):
                 raise CheckpointError(f"{where}: 'model' is not a state_dict")
-        except InitialWeightsFileError as exc:
+        except InitialWeightsFileError:
             if cand.explicit:
                 raise
             logger.info("%s: left out (a run's initial weights; --initial reads them through its "

@@ -82,7 +82,7 @@ __all__ = [
     "write_json", "read_json", "MetricsLog", "read_metrics", "read_result", "is_finished",
     "NonFiniteGuard", "GracefulInterrupt", "DIVERGED_FACTOR", "RunLock", "RunLocked",
     "LOCK_FILE", "OutputError", "check_output_dir", "check_output_file",
-    "remove_stale_temporaries",
+    "remove_stale_temporaries", "die_with_parent",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -449,6 +449,17 @@ def check_output_dir(folder: PathLike, what: str) -> None:
                           f"({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(name)
+
+
+def die_with_parent() -> None:
+    """In a child or worker process (Linux): receive SIGINT when the process that started it dies,
+    so that a lost worker's run saves its state and stops instead of running on (holding its
+    lock) beside its retry. Elsewhere, or where prctl is missing, nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def check_output_file(path: PathLike, what: str) -> None:

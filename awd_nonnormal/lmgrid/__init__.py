@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..checkpoint import CheckpointError, load_checkpoint
+from ..runs import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -170,24 +171,15 @@ def command(run: LMRun, main: Union[str, Path]) -> List[str]:
     return cmd
 
 
-def _die_with_parent() -> None:
-    """In the child (Linux): receive SIGINT when the process that started it dies, so that a
-    lost worker's run saves its state and stops instead of running on beside its retry."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _child_setup() -> None:
     """In the child, before main.py starts: take SIGINT again (a Ray worker's thread blocks it,
     and a blocked signal stays blocked across ``exec``, so the child would never see the SIGINT
-    that stops it and would train on to its end) and, on Linux, :func:`_die_with_parent`."""
+    that stops it and would train on to its end) and, on Linux, the parent-death signal
+    (:func:`awd_nonnormal.runs.die_with_parent`)."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform.startswith("linux"):
-        _die_with_parent()
+        die_with_parent()
 
 
 class Children:

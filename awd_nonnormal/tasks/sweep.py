@@ -40,9 +40,9 @@ import numpy as np
 from .. import cli
 from .. import init as initmod
 from ..analysis import mean_sem
-from ..lmgrid import _die_with_parent
 from ..progress import progress_bar
-from ..runs import LOCK_FILE, RunLock, json_clean, remove_stale_temporaries, write_json, write_text
+from ..runs import (LOCK_FILE, RunLock, die_with_parent, json_clean, remove_stale_temporaries, write_json,
+                    write_text)
 from ..utils import parse_number
 from . import ensemble as E
 from . import train as T
@@ -550,7 +550,8 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop,
     A worker is tied to the sweep process ``parent``: were that killed (SIGKILL), the worker would
     otherwise train on holding its run locks, then wait forever for work, and a rerun would find
     those runs locked. On Linux the kernel sends the worker SIGINT when its parent dies
-    (``PR_SET_PDEATHSIG``, as :mod:`awd_nonnormal.lmgrid` does for its children); everywhere a
+    (``PR_SET_PDEATHSIG``, :func:`awd_nonnormal.runs.die_with_parent`, as
+    :mod:`awd_nonnormal.lmgrid` does for its children); everywhere a
     thread also watches the parent process id (:func:`_watch_parent`), sets ``stop`` and ends the
     worker once its run has saved its checkpoint."""
     global _STOP
@@ -558,7 +559,7 @@ def _worker_init(threads: int, level: int, plugins: Tuple[str, ...], stop,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
         if sys.platform.startswith("linux"):
-            _die_with_parent()
+            die_with_parent()
         threading.Thread(target=_watch_parent, args=(parent, stop), name="watch-sweep-process",
                          daemon=True).start()
     _worker_setup(threads, level, plugins)
