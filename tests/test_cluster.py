@@ -67,30 +67,9 @@ def test_ray_sweep_equals_the_process_pool_and_skips_finished_runs(tmp_path, ray
     assert again["skipped"] == 4 and again["ran"] == 0
 
 
-def _killer_plugin(tmp_path) -> Path:
-    """An initializer that kills the worker process running it, once (a marker file remembers),
-    and never in this test process."""
-    plugin = tmp_path / "killer_init.py"
-    plugin.write_text(
-        "import os, signal\n"
-        "from pathlib import Path\n"
-        "import torch\n"
-        "from awd_nonnormal.init import register\n"
-        f"MARK = Path({str(tmp_path / 'killed')!r})\n"
-        f"DRIVER = {os.getpid()}\n\n"
-        "@register('test_cluster_killer', gain='scale', override=True)\n"
-        "def killer_(w, scale: float = 1.0):\n"
-        "    if os.getpid() != DRIVER and not MARK.exists():\n"
-        "        MARK.write_text('killed')\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    with torch.no_grad():\n"
-        "        return torch.nn.init.orthogonal_(w, gain=scale)\n")
-    return plugin
-
-
 @pytest.mark.parametrize("retries", [1, 0])
-def test_a_killed_worker_is_retried_or_reported(tmp_path, ray_session, retries):
-    plugin = str(_killer_plugin(tmp_path))
+def test_a_killed_worker_is_retried_or_reported(tmp_path, ray_session, retries, killer_plugin):
+    plugin = str(killer_plugin('test_cluster_killer'))
     grid = S.grid_from_args(models="test_cluster_killer", lrs="1e-3", seeds="1", plugins=(plugin,))
     plan = S.plan_sweep(grid, dict(TINY, init_plugins=[plugin]), tmp_path / "sweep")
     stats = S.run_sweep(plan, progress=False, executor="ray", max_retries=retries)

@@ -352,29 +352,8 @@ def test_summarize_uses_the_stored_sweep(tmp_path, capsys):
 # dead processes, interrupted summaries, dry runs without data
 
 
-def _killer_plugin(tmp_path):
-    """An initializer that SIGKILLs the worker process running it, once (a marker file
-    remembers), and never in this test process: a worker lost to the out-of-memory killer."""
-    plugin = tmp_path / "killer_init.py"
-    plugin.write_text(
-        "import os, signal\n"
-        "from pathlib import Path\n"
-        "import torch\n"
-        "from awd_nonnormal.init import register\n"
-        f"MARK = Path({str(tmp_path / 'killed')!r})\n"
-        f"DRIVER = {os.getpid()}\n\n"
-        "@register('test_sweep_killer', gain='scale', override=True)\n"
-        "def killer_(w, scale: float = 1.0):\n"
-        "    if os.getpid() != DRIVER and not MARK.exists():\n"
-        "        MARK.write_text('killed')\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    with torch.no_grad():\n"
-        "        return torch.nn.init.orthogonal_(w, gain=scale)\n")
-    return plugin
-
-
-def test_a_killed_worker_fails_its_runs_and_the_sweep_writes_its_summary(tmp_path, capsys, caplog):
-    plugin = str(_killer_plugin(tmp_path))
+def test_a_killed_worker_fails_its_runs_and_the_sweep_writes_its_summary(tmp_path, capsys, caplog, killer_plugin):
+    plugin = str(killer_plugin('test_sweep_killer'))
     out = tmp_path / "sweep"
     argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "16", "--n-val",
             "8", "--epochs", "1", "--no-progress", "--models", "test_sweep_killer", "--lr",
