@@ -251,8 +251,6 @@ def test_a_language_model_is_reused_only_for_the_same_command_and_text(tmp_path,
     stamp = (run.folder / "model.pt").stat().st_mtime_ns
     assert run_lm(ctx, lb, data, run) == first and (run.folder / "model.pt").stat().st_mtime_ns == stamp
     prepare_toy(data, lines=80, seed=0)  # the same folder, another text: trained again
-    import awd_nonnormal.reproduce.sections as sections
-    sections._FINGERPRINTS.clear()
     with caplog.at_level("WARNING"):
         second = run_lm(ctx, lb, data, run)
     assert "training it again" in caplog.text

@@ -330,15 +330,12 @@ def lm_command(model, train) -> str:
     return " ".join(parts)
 
 
-_FINGERPRINTS: Dict[Path, str] = {}
-
-
 def _data_fingerprint(data: Path) -> str:
-    """The corpus's text fingerprint (:func:`awd_nonnormal.data.data_fingerprint`), once per folder."""
-    if data not in _FINGERPRINTS:
-        from ..data import load_corpus
-        _FINGERPRINTS[data] = load_corpus(str(data)).data
-    return _FINGERPRINTS[data]
+    """The corpus's text fingerprint (:func:`awd_nonnormal.data.data_fingerprint`), read afresh
+    for each run (a corpus regenerated in place must not keep its old one); the tokenised cache
+    makes this a hash of the files."""
+    from ..data import load_corpus
+    return load_corpus(str(data)).data
 
 
 def run_lm(ctx: Context, lb: LMBudget, data: Path, run: LMRun) -> Dict[str, Any]:
@@ -435,10 +432,11 @@ def _best_config(results: Mapping[LMRun, Dict[str, Any]]) -> Optional[Dict[str, 
 
 
 def run_lm_family(ctx: Context, corpus: str, lb: LMBudget, data: Path, inits: Sequence[str],
-                  root: Path) -> Dict[str, Optional[Dict[str, Any]]]:
+                  root: Path) -> Tuple[Dict[str, Optional[Dict[str, Any]]], Dict[str, int]]:
     """Every run of ``inits`` (``fbchain`` specs take the best chain alpha of the same direction
-    when the budget sweeps gains); returns init -> best config."""
+    when the budget sweeps gains); returns (init -> best config, init -> runs that diverged)."""
     best: Dict[str, Optional[Dict[str, Any]]] = {}
+    diverged: Dict[str, int] = {}
     for init in inits:
         base = init.split(":")[0]
         if base == "fbchain" and lb.scales != (None,):
@@ -451,23 +449,18 @@ def run_lm_family(ctx: Context, corpus: str, lb: LMBudget, data: Path, inits: Se
             runs = _lm_grid(corpus, lb, [init], root)
         results = {r: run_lm(ctx, lb, data, r) for r in runs}
         best[init] = _best_config(results)
-        diverged = sum(bool(res.get("diverged")) for res in results.values())
-        if diverged:
-            best.setdefault("_diverged", {})[init] = diverged
-    return best
+        n = sum(bool(res.get("diverged")) for res in results.values())
+        if n:
+            diverged[init] = n
+    return best, diverged
 
 
-def _diverged_note(*families: Mapping[str, Any]) -> List[str]:
+def _diverged_note(counts: Mapping[str, int]) -> List[str]:
     """A sentence naming the runs that diverged (left out of the best configs), if any."""
-    counts = {k: v for fam in families for k, v in (fam.get("_diverged") or {}).items()}
     if not counts:
         return []
     return ["Diverged runs (left out of the table): "
             + ", ".join(f"{init} {n}" for init, n in counts.items()) + "."]
-
-
-def _inits(family: Mapping[str, Any]) -> Dict[str, Optional[Dict[str, Any]]]:
-    return {k: v for k, v in family.items() if k != "_diverged"}
 
 
 def _settings_line(lb: LMBudget) -> str:
@@ -497,10 +490,9 @@ def section_table1(ctx: Context) -> Section:
             verdicts.append(V.not_run(f"{corpus}: non-normal better", f"no data/{corpus}"))
             continue
         root = ctx.runs / "lm-vanilla" / corpus
-        forward_all = run_lm_family(ctx, corpus, lb, data, VANILLA_INITS, root)
-        reverse_all = run_lm_family(ctx, corpus, lb, data, ("chain:direction=reverse", "fbchain:direction=reverse"),
-                                    root)
-        forward, reverse = _inits(forward_all), _inits(reverse_all)
+        forward, diverged = run_lm_family(ctx, corpus, lb, data, VANILLA_INITS, root)
+        reverse, diverged_reverse = run_lm_family(ctx, corpus, lb, data,
+                                                  ("chain:direction=reverse", "fbchain:direction=reverse"), root)
         rows = []
         for name, b in list(forward.items()) + list(reverse.items()):
             ref = paper.TABLE1.get(corpus, {}).get(name)
@@ -511,7 +503,7 @@ def section_table1(ctx: Context) -> Section:
                  "swept 21 values per initializer and reports the best, whose values it does not give.")
         parts += [f"Settings: {_settings_line(lb)}; corpus {data}.{gains}",
                   _table(("init", "best config", "test bits/token (ours)", "seeds", "paper"), rows),
-                  *_diverged_note(forward_all, reverse_all)]
+                  *_diverged_note({**diverged, **diverged_reverse})]
         for label, fam in (("paper's direction", forward), ("port's direction (reverse)", {
                 "identity": forward.get("identity"), "orthogonal": forward.get("orthogonal"),
                 "chain": reverse.get("chain:direction=reverse"),
@@ -635,8 +627,7 @@ def section_table3(ctx: Context) -> Section:
             verdicts.append(V.not_run(f"{corpus}: LSTM initializers", f"no data/{corpus}"))
             continue
         root = ctx.runs / "lm-lstm" / corpus
-        best_all = run_lm_family(ctx, corpus, lb, data, LSTM_INITS, root)
-        best = _inits(best_all)
+        best, diverged = run_lm_family(ctx, corpus, lb, data, LSTM_INITS, root)
         rows = []
         for name, b in best.items():
             ref = paper.TABLE3.get(corpus, {}).get(name)
@@ -649,7 +640,7 @@ def section_table3(ctx: Context) -> Section:
             verdicts.append(V.lowest(vals, "mixed", f"{corpus}: LSTM mixed lowest"))
         parts += [f"Settings: {_settings_line(lb)}; corpus {data}.",
                   _table(("init", "test bits/token (ours)", "seeds", "paper"), rows),
-                  *_diverged_note(best_all),
+                  *_diverged_note(diverged),
                   "Commands:\n" + _code("\n".join(b["command"] for b in best.values() if b))]
         # Figure 6: per-gate profiles of the orthogonally initialised LSTMs, second layer
         ortho = sorted(str(p) for p in root.glob("orthogonal*/model.pt"))
