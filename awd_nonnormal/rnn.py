@@ -22,8 +22,10 @@ the device, the dtype and the shape only:
 
 * CUDA, tanh or relu: PyTorch's fused kernel (cuDNN).
 * otherwise the hand-written loop, whose products go to oneDNN (CPU, float32, work m*k*n of the
-  product at least :data:`ONEDNN_MIN_WORK`) or to ``torch.addmm`` (MKL on CPU, cuBLAS on CUDA).
-  On CPU this beat PyTorch's own kernel for tanh and relu as well (``bench/rnn_speed.py``).
+  product at least :data:`ONEDNN_MIN_WORK`) or to ``torch.addmm`` (MKL on CPU, cuBLAS on CUDA);
+  on CPU, where the step product is small (B*N*N up to :data:`NUMPY_MAX_WORK`), the per-step
+  loops run on NumPy instead, on views of the same memory (:func:`step_backend`). On CPU this
+  beat PyTorch's own kernel for tanh and relu as well (``bench/rnn_speed.py``).
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ logger = logging.getLogger(__name__)
 
 NONLINEARITIES = ("tanh", "relu", "elu", "linear")
 RNN_TYPES = ("LSTM", "GRU", "RNN", "QRNN")
-IMPLS = ("auto", "fused", "python", "onednn")
+IMPLS = ("auto", "fused", "python", "onednn", "numpy")
 """``auto``: the fastest exact path for the device and shape; ``fused``: PyTorch's kernel (tanh and
 relu only); ``python``: the hand-written backpropagation through time with every product by
 ``torch.addmm`` (every activation, any device); ``onednn``: the same loop with every product by
-oneDNN (CPU, float32)."""
+oneDNN (CPU, float32); ``numpy``: the same loop as ``python`` with the per-step products and
+activations run by NumPy on the tensors' memory (CPU, float32/float64)."""
 
 # Device types on which ``auto`` hands tanh and relu to PyTorch's fused kernel. On CUDA that is
 # cuDNN, which runs the sequence in its own kernels where the hand-written path launches two
@@ -109,6 +112,22 @@ kept (:func:`~awd_nonnormal.utils.retain_freed_memory`, as the commands run): co
 psMNIST 0.99-1.01x."""
 
 
+NUMPY_MAX_WORK = 2**18
+"""Largest B*N*N of the recurrent step product (B, N) x (N, N) on CPU for which ``impl="auto"``
+runs the per-step loops on NumPy (:func:`_numpy_forward_loop`, :func:`_numpy_backward_loop`).
+A step there is a few microseconds of arithmetic, and what decides the speed is the cost per call:
+``np.dot`` (NumPy's BLAS, OpenBLAS in the PyPI wheels) took 4.4 us on a (16, 100) x (100, 100)
+product where ``torch.addmm`` took 5.3-5.8 (MKL plus PyTorch's dispatch), 0.9 against 1.3-1.8 at
+(16, 25) x (25, 25), and NumPy's elementwise calls 0.4-0.8 us against PyTorch's 0.7-2.1 (AMD
+EPYC, AVX-512, one thread; ``bench/rnn_speed.py`` times the three backends and checks this rule).
+Up to 2^18 OpenBLAS ran the product on one thread whatever its own thread count (CPU time / wall
+time 1.00 at 16 x 128 x 128, 1.37 at 32 x 128 x 128 with two cores; OpenBLAS 0.3.31, whose
+thread count PyTorch's ``set_num_threads`` does not reach), so the loops stay on one core as
+``--threads 1`` asks; the benchmark prints that share beside its timings."""
+
+NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
 def step_loop() -> contextlib.AbstractContextManager:
     """The context of the per-step loops on ``torch.addmm``: ``torch.inference_mode()``. Autograd is
     already off inside the layer's Function; inference mode also skips the autograd layer of the
@@ -130,11 +149,38 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def numpy_steps_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the per-step loops can run on NumPy: CPU and float32/float64."""
+    return device.type == "cpu" and dtype in NUMPY_DTYPES
+
+
 def _uses_onednn(m: int, k: int, n: int, impl: str, available: bool) -> bool:
-    """Whether the (m, k) x (k, n) product goes to oneDNN under ``impl`` (python/onednn/auto)."""
+    """Whether the (m, k) x (k, n) product goes to oneDNN under ``impl`` (python/onednn/numpy/auto)."""
     if impl == "onednn":
         return True
     return impl == "auto" and available and m * k * n >= ONEDNN_MIN_WORK
+
+
+def step_backend(batch_size: int, hidden_size: int, impl: str, device: torch.device,
+                 dtype: torch.dtype) -> str:
+    """Who runs the per-step loops of the hand-written path: ``"onednn"`` (step products by oneDNN
+    with W_hh packed once), ``"numpy"`` (products and activations by NumPy) or ``"addmm"``
+    (``torch.addmm`` and PyTorch's in-place ops). Under ``impl="auto"`` by the size of the step
+    product, B*N*N: oneDNN from :data:`ONEDNN_MIN_WORK`, NumPy up to :data:`NUMPY_MAX_WORK`
+    (CPU), ``torch.addmm`` between them and on other devices. A function of its arguments only."""
+    work = batch_size * hidden_size * hidden_size
+    if impl == "numpy":
+        if not numpy_steps_available(device, dtype):
+            raise ValueError(
+                f"impl='numpy' needs a float32 or float64 tensor on the CPU, got {dtype} on "
+                f"{device}; use impl='auto' or 'python'"
+            )
+        return "numpy"
+    if _uses_onednn(batch_size, hidden_size, hidden_size, impl, onednn_available(device, dtype)):
+        return "onednn"
+    if impl == "auto" and work <= NUMPY_MAX_WORK and numpy_steps_available(device, dtype):
+        return "numpy"
+    return "addmm"
 
 
 def _linear(a: Tensor, w: Tensor, bias: Optional[Tensor], onednn: bool) -> Tensor:
@@ -243,6 +289,89 @@ def derivative_from_output(h: Tensor, nonlinearity: str) -> Optional[Tensor]:
     return None
 
 
+def _as_numpy(x: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (any strides), outside autograd."""
+    return x.detach().resolve_neg().numpy()
+
+
+def numpy_activation(
+    nonlinearity: str, shape: tuple[int, ...], dtype: np.dtype
+) -> Optional[Callable[[np.ndarray], None]]:
+    """f in place on a NumPy array of ``shape`` and ``dtype``, with its scratch arrays made once;
+    None for linear. relu is ``max(z, 0)`` against a zero array (0.4 us at (16, 100), a scalar 0
+    costs 1.3); elu (alpha = 1) is ``max(z, expm1(min(z, 0)))`` in three calls (1.6 us against
+    ``F.elu_``'s 2.1): z for z > 0, and for z <= 0 ``expm1(z)``, which is never below z."""
+    if nonlinearity == "tanh":
+        tanh = np.tanh
+        return lambda a: tanh(a, out=a)
+    if nonlinearity == "relu":
+        zero = np.zeros(shape, dtype)
+        maximum = np.maximum
+        return lambda a: maximum(a, zero, out=a)
+    if nonlinearity == "elu":
+        zero, below = np.zeros(shape, dtype), np.empty(shape, dtype)
+        minimum, expm1, maximum = np.minimum, np.expm1, np.maximum
+
+        def elu_(a: np.ndarray) -> None:
+            minimum(a, zero, out=below)
+            expm1(below, out=below)
+            maximum(a, below, out=a)
+
+        return elu_
+    return None
+
+
+def _numpy_forward_loop(h: Tensor, h0: Tensor, w_hh: Tensor, nonlinearity: str) -> None:
+    """The forward recurrence on NumPy, in place: ``h`` (T, B, N) holds u_t on entry and h_t on
+    return. Two NumPy calls per step besides f: the product into a scratch array, the add."""
+    T, B, N = h.shape
+    hs = h.numpy()  # (T, B, N), a view of h's memory
+    w_t = np.ascontiguousarray(_as_numpy(w_hh).T)  # (N, N): h_{t-1} W_hh^T is W_hh h_{t-1}
+    z = np.empty((B, N), hs.dtype)
+    activate_ = numpy_activation(nonlinearity, (B, N), hs.dtype)
+    h_prev = _as_numpy(h0)  # (B, N)
+    dot, add = np.dot, np.add
+    with np.errstate(all="ignore"):  # overflow gives inf and NaN, silently, as in PyTorch
+        for h_t in hs:  # (B, N) views
+            dot(h_prev, w_t, out=z)  # W_hh h_{t-1}
+            add(h_t, z, out=h_t)  # z_t = u_t + W_hh h_{t-1}
+            if activate_ is not None:
+                activate_(h_t)  # h_t = f(z_t)
+            h_prev = h_t
+
+
+def _numpy_backward_loop(delta: Tensor, grad_h: Tensor, grad_hn: Tensor, w_hh: Tensor,
+                         has_fprime: bool) -> None:
+    """Backpropagation through time on NumPy, in place: ``delta`` (T, B, N) holds f'(z_t) on entry
+    (if ``has_fprime``; else anything) and delta_t on return (see ``_RNNLayerFunction._backward``)."""
+    deltas = list(delta.numpy())  # T views (B, N)
+    grads = list(_as_numpy(grad_h))  # grad_h may have any strides
+    w = np.ascontiguousarray(_as_numpy(w_hh))  # (N, N): delta_{t+1} W_hh is W_hh^T delta_{t+1}
+    with np.errstate(all="ignore"):  # overflow gives inf and NaN, silently, as in PyTorch
+        _numpy_bptt(deltas, grads, _as_numpy(grad_hn), w, has_fprime)
+
+
+def _numpy_bptt(deltas: list, grads: list, grad_hn: np.ndarray, w: np.ndarray,
+                has_fprime: bool) -> None:
+    """The loop of :func:`_numpy_backward_loop` on its NumPy views."""
+    T = len(deltas)
+    dot, add, multiply = np.dot, np.add, np.multiply
+    if has_fprime:
+        g = np.empty_like(deltas[0])  # g_t (B, N)
+        add(grads[T - 1], grad_hn, out=g)
+        multiply(deltas[T - 1], g, out=deltas[T - 1])
+        for t in range(T - 2, -1, -1):
+            dot(deltas[t + 1], w, out=g)
+            add(g, grads[t], out=g)  # g_t = grad_h[t] + W_hh^T delta_{t+1}
+            multiply(deltas[t], g, out=deltas[t])  # delta_t = f'(z_t) g_t
+    else:  # linear: delta_t = g_t, built in its own slot
+        add(grads[T - 1], grad_hn, out=deltas[T - 1])
+        for t in range(T - 2, -1, -1):
+            d_t = deltas[t]
+            dot(deltas[t + 1], w, out=d_t)
+            add(d_t, grads[t], out=d_t)
+
+
 class _RNNLayerFunction(torch.autograd.Function):
     """One vanilla RNN layer over a whole sequence, with backpropagation through time by hand.
 
@@ -254,8 +383,9 @@ class _RNNLayerFunction(torch.autograd.Function):
     weight gradients) is one large product each over the whole sequence.
 
     ``impl`` is ``"python"`` (every product by torch.addmm), ``"onednn"`` (every product by
-    oneDNN, the recurrent weight packed once per sequence) or ``"auto"`` (each product by the
-    ``ONEDNN_MIN_WORK`` rule).
+    oneDNN, the recurrent weight packed once per sequence), ``"numpy"`` (as ``"python"``, with the
+    per-step loops on NumPy) or ``"auto"`` (the step loops by :func:`step_backend`, each
+    whole-sequence product by the ``ONEDNN_MIN_WORK`` rule).
     """
 
     @staticmethod
@@ -293,9 +423,10 @@ class _RNNLayerFunction(torch.autograd.Function):
             if bias is not None:
                 table.add_(bias)
             u = table.index_select(0, x.reshape(T * B)).view(T, B, N)
-        activate_ = in_place_activation(nonlinearity, u)
         h_prev = h0  # (B, N)
-        if _uses_onednn(B, N, N, impl, available):
+        backend = step_backend(B, N, impl, x.device, w_hh.dtype)
+        if backend == "onednn":
+            activate_ = in_place_activation(nonlinearity, u)
             # z_t = u_t + W_hh h_{t-1} in one oneDNN call (binary add post-op) with W_hh packed
             # for B rows once per sequence; each call returns a new (B, N) tensor, gathered by
             # one copy at the end.
@@ -308,6 +439,11 @@ class _RNNLayerFunction(torch.autograd.Function):
                     activate_(h_prev)  # h_t = f(z_t)
                 steps.append(h_prev)
             h = torch.stack(steps)  # (T, B, N)
+        elif backend == "numpy":
+            h = u  # u_t, then z_t, then h_t: the output (T, B, N)
+            _numpy_forward_loop(h, h0, w_hh, nonlinearity)
+            if T:
+                h_prev = h[-1]
         else:
             # The buffer holds u_t, then z_t, then h_t: the output (T, B, N).
             h = u
@@ -323,6 +459,7 @@ class _RNNLayerFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h0, w_ih, w_hh, h)
         ctx.nonlinearity = nonlinearity
         ctx.impl = impl
+        ctx.backend = backend
         ctx.has_bias = b_ih is not None
         # h_n is returned as its own tensor: two outputs that view one buffer would tie their
         # autograd histories together.
@@ -347,7 +484,10 @@ class _RNNLayerFunction(torch.autograd.Function):
         # The buffer ``delta`` first holds f'(z_t) for all t (one vectorised op) and is
         # overwritten by delta_t step by step (for linear, f' = 1 and delta_t = g_t).
         fprime = derivative_from_output(h, ctx.nonlinearity)  # (T, B, N) or None
-        if _uses_onednn(B, N, N, impl, available):
+        if ctx.backend == "numpy":
+            delta = fprime if fprime is not None else torch.empty_like(h)
+            _numpy_backward_loop(delta, grad_h, grad_hn, w_hh, fprime is not None)
+        elif ctx.backend == "onednn":
             # g_t in one oneDNN call: grad_h[t] + delta_{t+1} W_hh (W_hh^T packed once).
             linear_add = torch.ops.mkldnn._linear_pointwise.binary
             w_packed = torch.ops.mkldnn._reorder_linear_weight(w_hh.t().contiguous(), B)
@@ -406,7 +546,7 @@ class _RNNLayerFunction(torch.autograd.Function):
             grad_x = _linear(delta2, w_ih.t(), None, _uses_onednn(T * B, N, d, impl, available))
             grad_x = grad_x.view(T, B, d)
         if need_h0:
-            grad_h0 = torch.mm(deltas[0], w_hh)  # dL/dh_0 = W_hh^T delta_1
+            grad_h0 = torch.mm(delta[0], w_hh)  # dL/dh_0 = W_hh^T delta_1
         if need_wih and symbols:
             grad_wih = grad_table.t()
         elif need_wih:  # sum_t delta_t x_t^T  (N, d)
@@ -421,9 +561,9 @@ class _RNNLayerFunction(torch.autograd.Function):
                     h[:-1].reshape(rows, N),
                     _uses_onednn(N, rows, N, impl, available),
                 )
-                grad_whh.addmm_(deltas[0].t(), h0)
+                grad_whh.addmm_(delta[0].t(), h0)
             else:
-                grad_whh = torch.mm(deltas[0].t(), h0)
+                grad_whh = torch.mm(delta[0].t(), h0)
         if ctx.has_bias and (need_bih or need_bhh):
             grad_b = grad_table.sum(0) if symbols else delta2.sum(0)  # (N,)
             grad_bih = grad_b if need_bih else None
@@ -437,9 +577,9 @@ def layer_path(
     impl: str = "auto",
 ) -> str:
     """The path :func:`rnn` takes for a layer of this shape: ``"fused"`` (PyTorch's kernel, cuDNN
-    on CUDA), ``"onednn"`` (hand-written loop, step products by oneDNN) or ``"addmm"``
-    (hand-written loop, step products by torch.addmm: MKL on CPU, cuBLAS on CUDA). A function of
-    its arguments only, so the same shape always takes the same path."""
+    on CUDA), or the hand-written loop with its step loops run by ``"onednn"``, ``"numpy"`` or
+    ``"addmm"`` (torch.addmm: MKL on CPU, cuBLAS on CUDA), see :func:`step_backend`. A function
+    of its arguments only, so the same shape always takes the same path."""
     if uses_fused_kernel(nonlinearity, device, impl):
         return "fused"
     if impl == "onednn" and not onednn_available(device, dtype):
@@ -447,10 +587,7 @@ def layer_path(
             f"impl='onednn' needs a float32 tensor on a CPU with oneDNN (torch.backends.mkldnn), "
             f"got {dtype} on {device}; use impl='auto' or 'python'"
         )
-    n = hidden_size
-    if _uses_onednn(batch_size, n, n, impl, onednn_available(device, dtype)):
-        return "onednn"
-    return "addmm"
+    return step_backend(batch_size, hidden_size, impl, device, dtype)
 
 
 def uses_fused_kernel(nonlinearity: str, device: torch.device, impl: str = "auto") -> bool:
@@ -465,7 +602,7 @@ def uses_fused_kernel(nonlinearity: str, device: torch.device, impl: str = "auto
                 f"for {nonlinearity!r}); use impl='auto' or 'python'"
             )
         return True
-    if impl in ("python", "onednn"):
+    if impl in ("python", "onednn", "numpy"):
         return False
     return fusable and device.type in FUSED_DEVICE_TYPES
 

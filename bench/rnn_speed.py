@@ -7,9 +7,11 @@
 
 On CPU it first measures the float32 GEMM throughput of oneDNN (with a pre-packed weight, as the
 layer uses it) and of ``torch.mm`` (MKL) at one large product, and reports the larger oneDNN figure
-as the peak. It then times, for a grid of (B, N), one recurrent step product both ways (oneDNN
-with the add post-op, ``torch.addmm``) and prints which was faster and which one the layer's rule
-(``B*N*N >= ONEDNN_MIN_WORK``) picks. The ``ptb`` table is AWD-LSTM's PTB recurrent stack
+as the peak. It then times, for a grid of (B, N), one recurrent step product each way the step
+loops can run it (oneDNN with the add post-op, ``torch.addmm``, and up to ``NUMPY_MAX_WORK``
+NumPy's ``np.dot`` and ``np.add``, with NumPy's CPU time / wall time to show it ran on one
+thread) and prints which was fastest and which one the layer's rule (``B*N*N >= ONEDNN_MIN_WORK``:
+oneDNN; ``<= NUMPY_MAX_WORK``: NumPy) picks. The ``ptb`` table is AWD-LSTM's PTB recurrent stack
 (T 70, B 80, layers 400-1150-1150-400) forward + backward, ours against ``nn.LSTM`` of the same
 sizes, in GFLOP/s and % of that oneDNN peak (flops counted as 6 T B (d N + N N) per layer, four
 times that for an LSTM). After the rule it times the weight-gradient products in both operand orders (the layer puts the
@@ -37,7 +39,8 @@ For every shape and nonlinearity it prints the median time of one forward + back
   (``profile_memory=True``; the profiler logs its start and stop on stderr); CUDA:
   ``torch.cuda.max_memory_allocated``.
 * the time of the hand-written loop with every product by ``torch.addmm`` (``impl="python"``) and,
-  on CPU, by oneDNN (``impl="onednn"``), and for tanh and relu of PyTorch's fused kernel
+  on CPU, by oneDNN (``impl="onednn"``), with the step loops on NumPy (``impl="numpy"``), and for
+  tanh and relu of PyTorch's fused kernel
   (``impl="fused"``), with the same weights: what ``impl="auto"`` (the ``path`` column) chooses
   between.
 
@@ -63,12 +66,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+
 from awd_nonnormal.rnn import (  # noqa: E402
     NONLINEARITIES,
+    NUMPY_MAX_WORK,
     ONEDNN_MIN_WORK,
     RNN,
     _uses_onednn,
     layer_path,
+    numpy_steps_available,
     onednn_available,
     in_place_activation,
     rnn_reference,
@@ -164,7 +171,8 @@ def run_shape(shape: Shape, device: torch.device, repeats: int, warmup: int, mem
         ours[nl] = m
 
     steps = {f"nn.RNN({nl})": make_step(m, list(m.parameters()), x, grad_out) for nl, m in refs.items()}
-    impls = ["python"] + (["onednn"] if onednn_available(device, torch.float32) else [])
+    impls = (["python"] + (["onednn"] if onednn_available(device, torch.float32) else [])
+             + (["numpy"] if numpy_steps_available(device, torch.float32) else []))
     for nl, m in ours.items():
         steps[nl] = make_step(m, list(m.parameters()), x, grad_out)
         for impl in [] if quick else impls + (["fused"] if nl in ("tanh", "relu") else []):
@@ -276,8 +284,9 @@ def activation_times(repeats: int) -> list:
     return rows
 
 
-RULE_GRID = [(16, 25), (16, 100), (16, 128), (16, 200), (16, 256), (32, 160), (32, 200), (64, 100),
-             (64, 128), (64, 200), (80, 256), (80, 1150), (128, 128), (256, 64), (4096, 20)]
+RULE_GRID = [(16, 25), (8, 100), (16, 100), (32, 90), (16, 128), (64, 64), (32, 100), (64, 72),
+             (16, 200), (16, 256), (32, 160), (32, 200), (64, 100), (64, 128), (64, 200), (80, 256),
+             (80, 1150), (128, 128), (256, 64), (4096, 20)]
 
 
 def _many(fn: Callable[[], object], calls: int) -> Callable[[], None]:
@@ -288,11 +297,13 @@ def _many(fn: Callable[[], object], calls: int) -> Callable[[], None]:
 
 
 def rule_check(repeats: int) -> list:
-    """Both backends on the layer's products, and the rule's choice. Rows of (label, m, k, n,
-    addmm s, oneDNN s, rule says oneDNN): first the recurrent step product h W^T + u for a grid of
-    (B, N) (oneDNN: packed weight, add post-op), then the whole-sequence products of the three
-    benchmark shapes with their operands laid out as the layer passes them (the weight gradients
-    contract over the T*B rows, so both of their operands are transposed)."""
+    """The backends on the layer's products, and the rule's choice. Rows of (label, m, k, n,
+    {backend: seconds}, the rule's backend, NumPy's CPU time / wall time or None): first the
+    recurrent step product h W^T + u for a grid of (B, N), as each step loop runs it (oneDNN:
+    packed weight, add post-op; NumPy: ``np.dot`` into a scratch array and ``np.add``, timed only
+    up to ``NUMPY_MAX_WORK``, the sizes at which the layer may use it), then the whole-sequence
+    products of the three benchmark shapes with their operands laid out as the layer passes them
+    (the weight gradients contract over the T*B rows, so both of their operands are transposed)."""
     lp = torch.ops.mkldnn._linear_pointwise
     cpu = torch.device("cpu")
     rows = []
@@ -301,9 +312,25 @@ def rule_check(repeats: int) -> list:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, b)
         calls = max(20, int(2e8 / (b * n * n)))  # about 0.1 s of work per timing
         buf = u.clone()
-        t_mm = _best_seconds(_many(lambda: buf.copy_(u).addmm_(h, w.t()), calls), repeats) / calls
-        t_dnn = _best_seconds(_many(lambda: lp.binary(h, u, packed, None, "add"), calls), repeats) / calls
-        rows.append((f"step B={b} N={n}", b, n, n, t_mm, t_dnn, layer_path("tanh", b, n, cpu, torch.float32) == "onednn"))
+        times = {
+            "addmm": _best_seconds(_many(lambda: buf.copy_(u).addmm_(h, w.t()), calls), repeats) / calls,
+            "oneDNN": _best_seconds(_many(lambda: lp.binary(h, u, packed, None, "add"), calls), repeats) / calls,
+        }
+        share = None
+        if b * n * n <= NUMPY_MAX_WORK:
+            hn, un, bufn = h.numpy(), u.numpy(), buf.numpy()
+            w_t, z = np.ascontiguousarray(w.numpy().T), np.empty((b, n), np.float32)
+
+            def numpy_step() -> None:
+                np.copyto(bufn, un)
+                np.dot(hn, w_t, out=z)
+                np.add(bufn, z, out=bufn)
+
+            times["NumPy"] = _best_seconds(_many(numpy_step, calls), repeats) / calls
+            share = _cpu_share(_many(numpy_step, calls))
+        path = layer_path("tanh", b, n, cpu, torch.float32)
+        rule = {"onednn": "oneDNN", "numpy": "NumPy", "addmm": "addmm"}[path]
+        rows.append((f"step B={b} N={n}", b, n, n, times, rule, share))
     for shape in SHAPES.values():
         r, n, d = shape.T * shape.B, shape.N, shape.d
         delta, h, x, w_ih = torch.randn(r, n), torch.randn(r, n), torch.randn(r, d), torch.randn(n, d)
@@ -316,11 +343,21 @@ def rule_check(repeats: int) -> list:
         }
         for name, ((a, w), (pm, pk, pn)) in products.items():
             calls = max(3, int(1e8 / (pm * pk * pn)))
-            t_mm = _best_seconds(_many(lambda: torch.mm(a, w.t()), calls), repeats) / calls
-            t_dnn = _best_seconds(_many(lambda: lp(a, w, None, "none", [], ""), calls), repeats) / calls
-            rule = _uses_onednn(pm, pk, pn, "auto", True)
-            rows.append((f"{shape.name} {name}", pm, pk, pn, t_mm, t_dnn, rule))
+            times = {
+                "addmm": _best_seconds(_many(lambda: torch.mm(a, w.t()), calls), repeats) / calls,
+                "oneDNN": _best_seconds(_many(lambda: lp(a, w, None, "none", [], ""), calls), repeats) / calls,
+            }
+            rule = "oneDNN" if _uses_onednn(pm, pk, pn, "auto", True) else "addmm"
+            rows.append((f"{shape.name} {name}", pm, pk, pn, times, rule, None))
     return rows
+
+
+def _cpu_share(fn: Callable[[], None]) -> float:
+    """CPU time of this process / wall time over one call of ``fn``: about 1 when ``fn`` runs
+    on one thread, more when a library spreads it over several."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return (time.process_time() - c0) / (time.perf_counter() - t0)
 
 
 PTB_LAYERS = [(400, 1150), (1150, 1150), (1150, 400)]  # AWD-LSTM's PTB stack (d, N) per layer
@@ -489,7 +526,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--naive", action="store_true", help="also time elu as a plain autograd loop")
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak (CPU)")
-    parser.add_argument("--no-rule", action="store_true", help="skip the oneDNN-threshold check (CPU)")
+    parser.add_argument("--no-rule", action="store_true", help="skip the check of the backend rule (CPU)")
     parser.add_argument("--no-ptb", action="store_true", help="skip the PTB-stack table")
     parser.add_argument("--activations", action="store_true",
                         help="also time the in-place activations at each shape's step state (CPU)")
@@ -546,20 +583,24 @@ def main(argv=None) -> None:
     if cpu_onednn and not args.no_rule:
         rows = rule_check(max(3, args.repeats // 2))
         print()
-        print(f"products: torch.addmm vs oneDNN; rule: oneDNN when m*k*n >= {ONEDNN_MIN_WORK}")
+        print(f"products: torch.addmm, oneDNN and NumPy (step products only, up to B*N*N = "
+              f"{NUMPY_MAX_WORK}); rule: oneDNN when m*k*n >= {ONEDNN_MIN_WORK}, NumPy's step "
+              f"loops when B*N*N <= {NUMPY_MAX_WORK}, torch.addmm otherwise; cpu/wall = NumPy's "
+              f"CPU time / wall time (1.00: one thread)")
         print(f"{'product':<28} {'m':>6} {'k':>6} {'n':>5} {'addmm us':>10} {'oneDNN us':>10} "
-              f"{'faster':>7} {'rule':>7}")
+              f"{'NumPy us':>10} {'cpu/wall':>9} {'fastest':>8} {'rule':>7}")
         agree, lost = 0, []
-        for label, m, k, n, t_mm, t_dnn, rule in rows:
-            faster = "oneDNN" if t_dnn < t_mm else "addmm"
-            picked = "oneDNN" if rule else "addmm"
-            agree += faster == picked
-            if faster != picked:
-                lost.append((t_dnn if rule else t_mm) / min(t_mm, t_dnn))
-            print(f"{label:<28} {m:6d} {k:6d} {n:5d} {t_mm * 1e6:10.1f} {t_dnn * 1e6:10.1f} "
-                  f"{faster:>7} {picked:>7}")
-        print(f"the rule picked the faster backend for {agree} of {len(rows)} products"
-              + (f"; where not, the pick took up to {max(lost):.2f}x the faster one's time" if lost else ""))
+        for label, m, k, n, times, rule, share in rows:
+            fastest = min(times, key=times.get)
+            agree += fastest == rule
+            if fastest != rule:
+                lost.append(times[rule] / times[fastest])
+            numpy_us = f"{times['NumPy'] * 1e6:10.1f}" if "NumPy" in times else f"{'-':>10}"
+            share_s = f"{share:9.2f}" if share is not None else f"{'-':>9}"
+            print(f"{label:<28} {m:6d} {k:6d} {n:5d} {times['addmm'] * 1e6:10.1f} "
+                  f"{times['oneDNN'] * 1e6:10.1f} {numpy_us} {share_s} {fastest:>8} {rule:>7}")
+        print(f"the rule picked the fastest backend for {agree} of {len(rows)} products"
+              + (f"; where not, the pick took up to {max(lost):.2f}x the fastest one's time" if lost else ""))
         rows = orientation_check(max(3, args.repeats // 2))
         print()
         print("weight-gradient products a^T b over the T*B rows: the narrower operand on the left "
@@ -635,7 +676,7 @@ def report(shape: Shape, t: Dict[str, float], mem: Dict[str, float], device: tor
         ratio_mem = f"{mem[nl] / mem['nn.RNN(relu)']:6.2f}" if mem else f"{'-':>6}"
         notes = ", ".join(
             f"{impl} {t[f'{nl}:{impl}'] * 1e3:.1f} ms"
-            for impl in ("python", "onednn", "fused") if f"{nl}:{impl}" in t
+            for impl in ("python", "onednn", "numpy", "fused") if f"{nl}:{impl}" in t
         )
         if nl in ("tanh", "relu") and mem:
             notes += f"; mem vs nn.RNN({nl}) {mem[nl] / mem[f'nn.RNN({nl})']:.2f}"

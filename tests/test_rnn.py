@@ -12,6 +12,7 @@ from torch import nn
 from awd_nonnormal.rnn import (
     IMPLS,
     NONLINEARITIES,
+    NUMPY_MAX_WORK,
     ONEDNN_MIN_WORK,
     RNN,
     RNN_TYPES,
@@ -111,9 +112,10 @@ def _assert_close_relative(actual, expected, rtol):
 
 @needs_onednn
 @pytest.mark.parametrize("nonlinearity,num_layers,bias", CASES)
-@pytest.mark.parametrize("impl", ["onednn", "python", "auto"])
+@pytest.mark.parametrize("impl", ["onednn", "python", "numpy", "auto"])
 def test_float32_paths_match_float64_reference(nonlinearity, num_layers, bias, impl):
-    """Every CPU float32 path (oneDNN products, torch.addmm products, the rule mixing them) against
+    """Every CPU float32 path (oneDNN products, torch.addmm products, NumPy step loops, the rule
+    mixing them) against
     the autograd loop in float64, in values and in gradients of the input, h0 and every weight."""
     x, h0 = _inputs(num_layers)
     flat = _layer_tensors(num_layers, bias)
@@ -158,24 +160,40 @@ def test_auto_mixes_backends_exactly_above_the_threshold(nonlinearity):
 
 
 def test_path_choice_is_a_rule_of_the_shape():
-    """auto: fused on CUDA for tanh/relu; on CPU oneDNN exactly when B*N*N reaches the threshold
-    (float32, oneDNN present), torch.addmm otherwise; the same answer every time it is asked."""
+    """auto: fused on CUDA for tanh/relu; on CPU oneDNN exactly when B*N*N reaches its threshold
+    (float32, oneDNN present), NumPy's step loops up to NUMPY_MAX_WORK (float32/float64),
+    torch.addmm between them; the same answer every time it is asked."""
     cuda = torch.device("cuda")
+    assert NUMPY_MAX_WORK < ONEDNN_MIN_WORK
+    grid = [(16, 100), (16, 25), (16, 128), (16, 129), (80, 1150), (16, 256), (64, 128), (1, 1),
+            (4096, 20)]
     for nl in NONLINEARITIES:
-        for b, n in [(16, 100), (16, 25), (80, 1150), (16, 256), (64, 128), (1, 1), (4096, 20)]:
-            big = b * n * n >= ONEDNN_MIN_WORK
-            expected = "onednn" if big and HAS_ONEDNN else "addmm"
+        for b, n in grid:
+            work = b * n * n
+            small = work <= NUMPY_MAX_WORK
+            expected32 = ("onednn" if work >= ONEDNN_MIN_WORK and HAS_ONEDNN
+                          else "numpy" if small else "addmm")
             answers = {layer_path(nl, b, n, CPU, torch.float32) for _ in range(3)}
-            assert answers == {expected}
-            assert layer_path(nl, b, n, CPU, torch.float64) == "addmm"  # oneDNN: float32 only
+            assert answers == {expected32}
+            # oneDNN: float32 only; NumPy: float32 and float64
+            assert layer_path(nl, b, n, CPU, torch.float64) == ("numpy" if small else "addmm")
+            assert layer_path(nl, b, n, CPU, torch.float16) == "addmm"
             assert layer_path(nl, b, n, CPU, torch.float32, "python") == "addmm"
+            assert layer_path(nl, b, n, CPU, torch.float32, "numpy") == "numpy"
             assert layer_path(nl, b, n, cuda, torch.float32) == (
                 "fused" if nl in ("tanh", "relu") else "addmm"
             )
+    # the boundary itself: 16 * 128 * 128 = 2**18 is NumPy's, one more unit is not
+    assert layer_path("elu", 16, 128, CPU, torch.float32) == "numpy"
+    assert layer_path("elu", 16, 129, CPU, torch.float32) != "numpy"
     with pytest.raises(ValueError, match="float32 tensor on a CPU with oneDNN"):
         layer_path("elu", 4, 4, CPU, torch.float64, "onednn")
     with pytest.raises(ValueError, match="float32 tensor on a CPU with oneDNN"):
         layer_path("elu", 4, 4, cuda, torch.float32, "onednn")
+    with pytest.raises(ValueError, match="float32 or float64 tensor on the CPU"):
+        layer_path("elu", 4, 4, cuda, torch.float32, "numpy")
+    with pytest.raises(ValueError, match="float32 or float64 tensor on the CPU"):
+        layer_path("elu", 4, 4, CPU, torch.bfloat16, "numpy")
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -422,7 +440,7 @@ def test_module_takes_symbols_on_the_float32_paths(nonlinearity):
     torch.manual_seed(0)
     m = RNN(D, N, nonlinearity=nonlinearity)
     one_hot = torch.nn.functional.one_hot(s, D).float()
-    for impl in ("python", "onednn", "auto"):
+    for impl in ("python", "onednn", "numpy", "auto"):
         m.impl = impl
         m.zero_grad()
         out, h_n = m(s)
@@ -570,7 +588,59 @@ def test_row_contraction_in_either_orientation(m, n, backend):
     _assert_close_relative(got3.double(), torch.stack([expected, -2 * expected]), 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["python", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_numpy_activation_matches_torch(nonlinearity, dtype):
+    """The NumPy loop's in-place f equals PyTorch's f on the values where the formulas could
+    part: both infinities, NaN, signed zeros, values next to the kink and far below it."""
+    from awd_nonnormal.rnn import numpy_activation
+
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([[-inf, -100.0, -20.0, -1.0, -1e-7, -0.0], [0.0, 1e-7, 0.5, 20.0, inf, nan]],
+                     dtype=dtype)
+    expected = {"tanh": torch.tanh, "relu": torch.relu, "elu": torch.nn.functional.elu,
+                "linear": lambda v: v}[nonlinearity](z)
+    a = z.numpy().copy()
+    f_ = numpy_activation(nonlinearity, a.shape, a.dtype)
+    assert (f_ is None) == (nonlinearity == "linear")
+    if f_ is not None:
+        f_(a)
+    tol = 1e-6 if dtype == torch.float32 else 1e-15
+    torch.testing.assert_close(torch.from_numpy(a), expected, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_numpy_loops_take_any_gradient_layout(nonlinearity):
+    """The NumPy loops read the output gradient and h0 through views of their memory: a
+    transposed output gradient, an expanded one (stride 0, from a plain sum), none at all (only
+    h_n in the loss), a strided h0, and a one-step sequence all give the torch.addmm loop's
+    values and gradients."""
+    g = torch.Generator().manual_seed(11)
+    num_layers = 2
+    flat = _layer_tensors(num_layers, True)
+    layers = _group(flat, num_layers, True)
+    losses = {
+        "transposed": lambda out, h_n: (out.transpose(0, 2) * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(N, B, -1)).sum(),
+        "expanded": lambda out, h_n: out.sum() + h_n.sum(),
+        "h_n only": lambda out, h_n: (h_n**2).sum(),
+    }
+    for steps in (T, 1):
+        x = torch.randn(steps, B, D, generator=g, dtype=torch.float64, requires_grad=True)
+        # h0 as a strided view: layer k's (B, N) rows lie num_layers * N apart
+        h0 = torch.randn(B, num_layers, N, generator=g, dtype=torch.float64).transpose(0, 1)
+        h0.requires_grad_()
+        assert not h0[0].is_contiguous()
+        for name, loss_of in losses.items():
+            results = {}
+            for impl in ("python", "numpy"):
+                out, h_n = rnn(x, h0, layers, nonlinearity, impl=impl)
+                grads = torch.autograd.grad(loss_of(out, h_n), (x, h0, *flat))
+                results[impl] = (out, h_n, *grads)
+            for a, e in zip(results["numpy"], results["python"]):
+                torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=f"{name}, T={steps}")
+
+
+@pytest.mark.parametrize("impl", ["python", "onednn", "numpy"])
 def test_step_loops_leave_no_inference_tensors(impl):
     """The step loops run under torch.inference_mode(); what leaves the layer (outputs, the state
     it saves, gradients) is ordinary autograd tensors, usable in further graphs."""
