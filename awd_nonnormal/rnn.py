@@ -51,7 +51,8 @@ IMPLS = ("auto", "fused", "python", "onednn", "numpy")
 relu only); ``python``: the hand-written backpropagation through time with every product by
 ``torch.addmm`` (every activation, any device); ``onednn``: the same loop with every product by
 oneDNN (CPU, float32); ``numpy``: the same loop as ``python`` with the per-step products and
-activations run by NumPy on the tensors' memory (CPU, float32/float64)."""
+activations run by NumPy on the tensors' memory (CPU, float32/float64; on step products above
+:data:`NUMPY_MAX_WORK`, which ``auto`` never gives it, OpenBLAS may use its own threads)."""
 
 # Device types on which ``auto`` hands tanh and relu to PyTorch's fused kernel. On CUDA that is
 # cuDNN, which runs the sequence in its own kernels where the hand-written path launches two
