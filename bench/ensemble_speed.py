@@ -7,7 +7,7 @@
 For each task shape (copy: T = 500, N = 100; psMNIST: 784 steps, N = 25; batch 16, the paper's
 settings) it times training batches (forward, backward, clipping, RMSprop) of
 
-* the single-run trainer's step (``train.build_model``, ``torch.optim.RMSprop`` over the trainable
+* the single-run trainer's step (``train.build_model``, ``train.make_optimizer`` over the trainable
   parameters, ``rules.clip_gradients_``: what ``train.Trainer`` does per batch), one run;
 * an ensemble of M runs (``ensemble.Ensemble.step`` and ``update``), for each M,
 
@@ -73,7 +73,7 @@ def single_step(shape: str, device):
     train_set, _, _ = _datasets(config, device)
     model = T.build_model(config).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+    opt = T.make_optimizer(params, config)
     order = torch.randperm(config.n_train, generator=torch.Generator().manual_seed(0))
     state = {"pos": 0}
 

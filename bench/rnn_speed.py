@@ -388,7 +388,8 @@ def _task_step_of(package: str, label: str) -> Callable[[], None]:
     """One copy-task training step at T = 500 as the trainer of ``package`` (this repository's
     ``awd_nonnormal`` or an older copy of it) runs it: its model (paper settings: batch 16, N 100,
     elu, one bias), its batch (symbols where it has ``model_batch``, else one-hot floats), its
-    loss, backward, its clipping (global, at 10), RMSprop."""
+    loss, backward, its clipping (global, at 10), its RMSprop (``make_optimizer`` where it has
+    one, else ``torch.optim.RMSprop``)."""
     import importlib
 
     train = importlib.import_module(f"{package}.tasks.train")
@@ -398,7 +399,11 @@ def _task_step_of(package: str, label: str) -> Callable[[], None]:
     model = train.build_model(config)
     train_set, _, _ = task.datasets(config, train.RunOptions())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+    make_optimizer = getattr(train, "make_optimizer", None)  # older revisions: torch's RMSprop
+    if make_optimizer is not None:
+        optimizer = make_optimizer(params, config)
+    else:
+        optimizer = torch.optim.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
     index = torch.arange(config.batch_size)
     cpu = torch.device("cpu")
     batch = getattr(train, "model_batch", lambda dataset, i, d: dataset.batch(i, d))

@@ -270,3 +270,66 @@ def test_class_first_logits_give_the_same_loss_and_gradient(loss):
     g_plain, = torch.autograd.grad(R.classification_loss(logits, target, loss).sum(), logits)
     g_first, = torch.autograd.grad(R.classification_loss(first, target, loss).sum(), logits)
     torch.testing.assert_close(g_first, g_plain, rtol=1e-12, atol=1e-12)
+
+
+def _rmsprop_params(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 3), (7, 7), (7,), (2, 7), (2,)]
+    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+
+def test_lean_rmsprop_is_torch_rmsprop_bit_for_bit():
+    """rules.RMSprop's step (five foreach calls) moves the parameters and the state exactly as
+    torch.optim.RMSprop does, step after step (gradients of mixed scale, one of them a transposed
+    view, one parameter without a gradient in one step), and its state dict loads into torch's
+    and back."""
+    from awd_nonnormal.tasks.rules import RMSprop
+
+    ours, theirs = _rmsprop_params(0), _rmsprop_params(0)
+    kw = dict(lr=3e-3, alpha=0.9, eps=1e-7)
+    opt_ours, opt_theirs = RMSprop(ours, **kw), torch.optim.RMSprop(theirs, **kw)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for k, (a, b) in enumerate(zip(ours, theirs)):
+            if step == 2 and k == 3:
+                a.grad = b.grad = None  # no gradient this step: neither moves it
+                continue
+            grad = torch.randn(a.shape[::-1] if a.dim() == 2 else a.shape, generator=g) * 10.0 ** (k - 2)
+            grad = grad.t() if a.dim() == 2 else grad  # a non-contiguous gradient
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+        sd_ours, sd_theirs = opt_ours.state_dict(), opt_theirs.state_dict()
+        assert sd_ours["param_groups"] == sd_theirs["param_groups"]
+        for i, st in sd_theirs["state"].items():
+            assert set(sd_ours["state"][i]) == set(st) == {"step", "square_avg"}
+            for key in st:
+                assert torch.equal(sd_ours["state"][i][key], st[key])
+                assert sd_ours["state"][i][key].dtype == st[key].dtype
+    # the state dicts move between the two optimizers
+    again = RMSprop(_rmsprop_params(0), **kw)
+    again.load_state_dict(opt_theirs.state_dict())
+    assert torch.equal(again.state[again.param_groups[0]["params"][1]]["square_avg"],
+                       opt_theirs.state[theirs[1]]["square_avg"])
+
+
+def test_lean_rmsprop_hands_other_options_to_torch():
+    """With momentum, centring, weight decay or maximising, rules.RMSprop is torch's step."""
+    from awd_nonnormal.tasks.rules import RMSprop
+
+    for extra in (dict(momentum=0.5), dict(centered=True), dict(weight_decay=0.1), dict(maximize=True)):
+        ours, theirs = _rmsprop_params(2), _rmsprop_params(2)
+        opt_ours = RMSprop(ours, lr=1e-2, **extra)
+        opt_theirs = torch.optim.RMSprop(theirs, lr=1e-2, **extra)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            for a, b in zip(ours, theirs):
+                a.grad = torch.randn(a.shape, generator=g)
+                b.grad = a.grad.clone()
+            opt_ours.step()
+            opt_theirs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), extra
+        assert set(opt_ours.state[ours[0]]) == set(opt_theirs.state[theirs[0]]), extra

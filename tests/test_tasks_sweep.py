@@ -402,7 +402,7 @@ def test_workers_stop_and_exit_when_the_sweep_process_is_killed(tmp_path):
     from awd_nonnormal.runs import LOCK_FILE, RunLock
     out = tmp_path / "sweep"
     log = tmp_path / "log"
-    argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "60000",
+    argv = ["sweep", "--task", "copy", "--T", "25", "--hidden", "4", "--n-train", "240000",
             "--n-val", "8", "--epochs", "1", "--no-progress", "--models", "chain", "--values",
             "chain=1.0", "--lr", "1e-3,1e-2", "--seeds", "1", "--workers", "2", "--out", str(out)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

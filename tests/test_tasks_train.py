@@ -147,7 +147,7 @@ def test_second_ctrl_c_inside_a_step_saves_nothing(tmp_path, monkeypatch):
     n_batches = math.ceil(c.n_train / c.batch_size)
     kept = {run / T.CHECKPOINT_FILE: None}
     # the first step of epoch 2: the checkpoint holds the end of epoch 1
-    _hard_interrupt_inside(monkeypatch, T, torch.optim.RMSprop, "step", n_batches + 1, kept)
+    _hard_interrupt_inside(monkeypatch, T, T.rules.RMSprop, "step", n_batches + 1, kept)
     with pytest.raises(KeyboardInterrupt):
         T.train(c, run, OPTS)
     assert kept[run / T.CHECKPOINT_FILE] is not None

@@ -141,6 +141,12 @@ class _ClassFirstLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
+def make_optimizer(params, config: TaskConfig) -> rules.RMSprop:
+    """The run's optimizer: RMSprop at ``config.lr``, rho ``config.rho``, eps ``config.opt_eps``
+    (:class:`~awd_nonnormal.tasks.rules.RMSprop`, torch's update with a leaner step)."""
+    return rules.RMSprop(params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+
+
 def arch_of(config: TaskConfig) -> Dict[str, Any]:
     """The checkpoint's ``arch`` entry (see :mod:`awd_nonnormal.checkpoint`)."""
     task = get_task(config.task)
@@ -376,7 +382,7 @@ class Trainer:
         self.derived, self.extra_state = run_facts(self.task, config, facts)
         self.model = build_model(config).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # a frozen b_hh is left out
-        self.optimizer = torch.optim.RMSprop(self.params, lr=config.lr, alpha=config.rho, eps=config.opt_eps)
+        self.optimizer = make_optimizer(self.params, config)
         self.arch = arch_of(config)
         self.ckpt_path = run_dir / CHECKPOINT_FILE
         self.metrics_log = MetricsLog(run_dir / METRICS_FILE)
