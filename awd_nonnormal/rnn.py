@@ -420,7 +420,9 @@ class _RNNLayerFunction(torch.autograd.Function):
             # One-hot inputs given as their symbols s_t: W_ih x_t is column s_t of W_ih, so u_t is
             # row s_t of W_ih^T + b, looked up. Exactly the product's numbers (a one-hot product
             # adds only exact zeros), without it, and without the weight-gradient product.
-            table = w_ih.t().contiguous()  # (d, N)
+            # (d, N), a copy in every case: with N or d = 1 the transpose is already contiguous,
+            # and .contiguous() would return w_ih's own memory, which the bias is added to below
+            table = w_ih.t().clone(memory_format=torch.contiguous_format)
             if bias is not None:
                 table.add_(bias)
             u = table.index_select(0, x.reshape(T * B)).view(T, B, N)
@@ -801,6 +803,11 @@ class RNN(nn.Module):
             raise ValueError(
                 f"RNN expects a hidden state of shape (num_layers, B, hidden_size) = {expected}, "
                 f"got {tuple(hx.shape)}"
+            )
+        elif hx.dtype != dtype:
+            raise ValueError(
+                f"RNN hidden state dtype {hx.dtype} does not match the weight dtype {dtype}; "
+                f"convert the hidden state (hx.to({dtype}))"
             )
         return rnn(input, hx, weights, self.nonlinearity, self.impl)
 

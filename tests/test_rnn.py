@@ -454,6 +454,31 @@ def test_module_takes_symbols_on_the_float32_paths(nonlinearity):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,d", [(1, 4), (5, 1), (1, 1)])
+def test_symbol_inputs_leave_the_input_weights_alone(n, d):
+    """With symbol inputs the layer looks up rows of W_ih^T + b; when N or d is 1 the transpose
+    of W_ih is itself contiguous, and the table must still be a copy, not W_ih plus the bias."""
+    torch.manual_seed(0)
+    m = RNN(d, n, nonlinearity="tanh").double()
+    with torch.no_grad():
+        m.bias_ih_l0.fill_(0.5)
+    before = m.weight_ih_l0.detach().clone()
+    symbols = torch.randint(0, d, (3, 2))
+    for impl in [i for i in IMPLS if i not in ("onednn", "fused")]:
+        m.impl = impl
+        out, _ = m(symbols)
+        out.sum().backward()
+        assert torch.equal(m.weight_ih_l0.detach(), before), impl
+        one_hot = torch.nn.functional.one_hot(symbols, d).double()
+        torch.testing.assert_close(m(one_hot)[0], out, rtol=1e-12, atol=1e-12)
+
+
+def test_hidden_state_of_another_dtype_is_refused():
+    m = RNN(D, N).double()
+    with pytest.raises(ValueError, match="hidden state dtype torch.float32 does not match the weight dtype torch.float64"):
+        m(torch.randn(T, B, D, dtype=torch.float64), torch.zeros(1, B, N))
+
+
 def test_bad_symbols():
     m = RNN(D, N)
     with pytest.raises(ValueError, match=r"symbols must lie in \[0, input_size\) = \[0, 4\), got values from 0 to 4"):

@@ -333,3 +333,54 @@ def test_lean_rmsprop_hands_other_options_to_torch():
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b), extra
         assert set(opt_ours.state[ours[0]]) == set(opt_theirs.state[theirs[0]]), extra
+
+
+def test_lean_rmsprop_leaves_half_types_and_repeated_parameters_to_torch():
+    """Half-precision parameters (a foreach multiply by a float rounds differently there) and a
+    parameter listed twice (torch updates it twice in turn) take torch's own step, so they too
+    match torch.optim.RMSprop bit for bit."""
+    from awd_nonnormal.tasks.rules import RMSprop
+
+    def drive(cls, make):
+        g = torch.Generator().manual_seed(0)
+        params = make(g)
+        opt = cls(params, lr=1e-2, alpha=0.9, eps=1e-7)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        return params, opt
+
+    for dtype in (torch.bfloat16, torch.float16):
+        def make(g, dtype=dtype):
+            return [torch.randn(64, generator=g).to(dtype).requires_grad_()]
+        (a,), opt_a = drive(RMSprop, make)
+        (b,), opt_b = drive(torch.optim.RMSprop, make)
+        assert torch.equal(a, b), dtype
+        assert torch.equal(opt_a.state[a]["square_avg"], opt_b.state[b]["square_avg"]), dtype
+
+    def make_twice(g):
+        p = torch.randn(3, generator=g).requires_grad_()
+        return [p, p]
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        (a, _), _ = drive(RMSprop, make_twice)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        (b, _), _ = drive(torch.optim.RMSprop, make_twice)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("extra", [{}, {"momentum": 0.9}])
+def test_lean_rmsprop_runs_step_hooks_once(extra):
+    """Pre- and post-step hooks fire once per step, on the lean path and on torch's (whose
+    step carries its own hook wrapper once any torch RMSprop exists)."""
+    from awd_nonnormal.tasks.rules import RMSprop
+
+    torch.optim.RMSprop([torch.ones(1, requires_grad=True)])  # hooks torch's own step
+    q = torch.ones(2, requires_grad=True)
+    opt = RMSprop([q], lr=0.1, **extra)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    q.grad = torch.ones(2)
+    opt.step()
+    assert calls == ["pre", "post"]

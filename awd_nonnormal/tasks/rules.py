@@ -168,8 +168,8 @@ def single_bias_(rnn: nn.Module) -> nn.Module:
 
 class RMSprop(torch.optim.RMSprop):
     """``torch.optim.RMSprop`` with a leaner step for the plain case the task trainer uses (no
-    momentum, not centred, no weight decay, not maximising, a float learning rate, real dense
-    parameters): s <- rho s + (1 - rho) g^2; p <- p - lr g / (sqrt(s) + eps) (Hinton's lecture
+    momentum, not centred, no weight decay, not maximising, a float learning rate, float32 or
+    float64 parameters with dense gradients, each listed once): s <- rho s + (1 - rho) g^2; p <- p - lr g / (sqrt(s) + eps) (Hinton's lecture
     6e; eps outside the root, as torch and Keras 2.2 place it), as five ``torch._foreach_*``
     calls over all parameters instead of torch's per-parameter loop. The same ops in the same
     order, so on CPU (where the tests check it) the parameters and the state (``step``,
@@ -183,18 +183,31 @@ class RMSprop(torch.optim.RMSprop):
 
     @staticmethod
     def _plain(group: dict) -> bool:
-        """Whether ``group`` takes the lean step: torch's options at their plain values, and
-        real parameters with dense gradients."""
+        """Whether ``group`` takes the lean step: torch's options at their plain values, float32
+        or float64 parameters with dense gradients (for half types a foreach multiply by a
+        float rounds differently), each listed once (torch updates a repeated one twice in
+        turn)."""
+        params = [p for p in group["params"] if p.grad is not None]
         return (group["momentum"] == 0 and not group["centered"] and group["weight_decay"] == 0
                 and not group["maximize"] and not group["differentiable"]
                 and not group["capturable"] and not isinstance(group["lr"], Tensor)
-                and not any(p.grad is not None and (p.grad.is_sparse or torch.is_complex(p))
-                            for p in group["params"]))
+                and all(p.dtype in (torch.float32, torch.float64) and not p.grad.is_sparse
+                        for p in params)
+                and len({id(p) for p in params}) == len(params))
 
-    @torch.no_grad()
     def step(self, closure=None):
         if closure is not None or not all(self._plain(g) for g in self.param_groups):
-            return super().step(closure)
+            # torch's own step, without the hook wrapper it may carry: this class's step
+            # already has one, and the hooks must run once
+            torch_step = torch.optim.RMSprop.step
+            if getattr(torch_step, "hooked", False):
+                torch_step = torch_step.__wrapped__
+            return torch_step(self, closure)
+        with torch.no_grad():
+            self._lean_step()
+        return None
+
+    def _lean_step(self) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -216,4 +229,3 @@ class RMSprop(torch.optim.RMSprop):
             avgs = torch._foreach_sqrt(square_avgs)
             torch._foreach_add_(avgs, eps)
             torch._foreach_addcdiv_(params, grads, avgs, value=-lr)
-        return None
