@@ -110,10 +110,15 @@ class TaskModel(nn.Module):
 
 
 class _ClassFirstLinear(torch.autograd.Function):
-    """``(h W^T + b)^T``, i.e. ``W h^T + b`` (out, R), for h (R, N), W (out, N), b (out,): the
-    read-out of every step in class-first layout, its products by the RNN layer's backend rule
-    (oneDNN on CPU from :data:`~awd_nonnormal.rnn.ONEDNN_MIN_WORK`, which beats MKL 2-3x on
-    these thin products, see bench/rnn_speed.py), with no transposing copy of the logits."""
+    """``(h W^T + b)^T`` (out, R), for h (R, N), W (out, N), b (out,): the read-out of every
+    step in class-first layout, its products by the RNN layer's backend rule (oneDNN on CPU
+    from :data:`~awd_nonnormal.rnn.ONEDNN_MIN_WORK`, which beats MKL 2-3x on these thin
+    products, see bench/rnn_speed.py). The forward product is ``h W^T + b`` with h as the
+    input, then one transposing copy of the (R, out) logits: computed as ``W h^T`` instead,
+    oneDNN reorders all of h as its weight operand each call, which alone is faster (135
+    against 190 us at the copy task's 8000 x 100 x 9) but in the training step, where h has
+    left the cache, 0.1-0.2 ms slower (in-process A/B of the copy-500 step, 25 alternations,
+    twice)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -122,8 +127,8 @@ class _ClassFirstLinear(torch.autograd.Function):
         onednn = onednn_available(h.device, h.dtype)
         ctx.save_for_backward(h, w)
         ctx.onednn = onednn
-        out = _linear(w, h, None, _uses_onednn(C, N, R, "auto", onednn))  # (C, R) = W h^T
-        return out.add_(b.unsqueeze(1))
+        out = _linear(h, w, b, _uses_onednn(R, N, C, "auto", onednn))  # (R, C) = h W^T + b
+        return out.t().contiguous()  # (C, R)
 
     @staticmethod
     @once_differentiable
