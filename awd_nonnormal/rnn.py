@@ -214,13 +214,11 @@ def row_contraction(a: Tensor, b: Tensor, onednn: bool = False) -> Tensor:
 # hidden state; the backward pass needs f'(z) and gets it from h = f(z) alone, so the
 # pre-activations never have to be stored. F.elu_ is the C function itself (no Python wrapper).
 
-_NUMPY_TANH_DTYPES = (torch.float32, torch.float64)
-
-
 def numpy_tanh_applies(x: Tensor) -> bool:
-    """Whether :func:`tanh_` runs NumPy's tanh on ``x``'s memory: CPU, float32/64, no autograd,
-    a plain tensor (no negation bit) and not while ``torch.compile`` traces."""
-    return (x.device.type == "cpu" and x.dtype in _NUMPY_TANH_DTYPES and not x.requires_grad
+    """Whether :func:`tanh_` runs NumPy's tanh on ``x``'s memory: CPU, float32/64 (as
+    :func:`numpy_steps_available`), no autograd, a plain tensor (no negation bit) and not while
+    ``torch.compile`` traces."""
+    return (numpy_steps_available(x.device, x.dtype) and not x.requires_grad
             and not x.is_neg() and not torch.compiler.is_compiling())
 
 
